@@ -149,7 +149,12 @@ class ServeConfig(Strict):
 
 
 class JudgeTrainConfig(Strict):
-    """Training of the pairwise (or Bradley-Terry) cross-encoder on human labels (``nlhf judge train``)."""
+    """Training of the pairwise (or Bradley-Terry) cross-encoder on human labels (``nlhf judge train``).
+
+    ``train_files`` must not name evaluation-only data (LLMBar, MT-Bench, self-instruct).
+    ``max_length`` is the token budget per sequence (prompt + both responses for the pairwise
+    head). ``max_seconds`` stops training early (the schedule is still planned for ``epochs``).
+    """
 
     encoder: str = PYPI_MINILM
     train_files: list[str] = Field(default_factory=list)
@@ -158,7 +163,15 @@ class JudgeTrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.06, ge=0, lt=1)
     max_train_pairs: int | None = Field(None, ge=1)
+    max_val_pairs: int | None = Field(None, ge=1)
+    max_seconds: float | None = Field(None, gt=0)
+    freeze_embeddings: bool = False
+    length_feature: bool = False
+    eval_before: bool = False
     seed: int = 0
     num_threads: int | None = None
 
@@ -300,6 +313,13 @@ def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: ``field.path: message (got value)``."""
     lines = []
@@ -316,14 +336,20 @@ def load_model(cls: type[BaseModel], path: str | Path | None, overrides: list[st
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
 
     A string in place of the ``judge`` section of a TrainConfig names a YAML file holding a
-    JudgeConfig (so ``configs/judge-minilm.yaml`` serves both ``nlhf judge`` and ``nlhf train``).
+    JudgeConfig (so ``configs/judge-minilm.yaml`` serves both ``nlhf judge`` and ``nlhf train``);
+    ``judge: {from_file: X.yaml, serve: {...}}`` loads X and overrides some of its keys.
 
     Raises:
         ConfigError: unreadable file, bad override, or any validation error (fields named).
     """
     raw = _read_yaml(path, "--config") if path is not None else {}
-    if cls is TrainConfig and isinstance(raw.get("judge"), str):
-        raw["judge"] = _read_yaml(raw["judge"], "judge")
+    if cls is TrainConfig:
+        judge = raw.get("judge")
+        if isinstance(judge, str):
+            raw["judge"] = _read_yaml(judge, "judge")
+        elif isinstance(judge, dict) and "from_file" in judge:
+            base = _read_yaml(judge.pop("from_file"), "judge.from_file")
+            raw["judge"] = _deep_merge(base, judge)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     try:
@@ -362,23 +388,38 @@ def check_paths(cfg: TrainConfig) -> None:
     if cfg.reference is not None:
         _check_model_source("reference.source", cfg.reference.source)
     if cfg.data is not None:
+        from nlhf.data.prompts import EVALUATION_ONLY
+
         for i, f in enumerate(cfg.data.train_prompts):
             if not Path(f).is_file():
                 raise ConfigError(f"data.train_prompts[{i}]: file not found: {f}")
+            if any(tag in Path(f).name.lower() for tag in EVALUATION_ONLY):
+                raise ConfigError(f"data.train_prompts[{i}]: {f} is evaluation-only (see ../shared/data/README.md)")
         if cfg.data.eval_prompts and not Path(cfg.data.eval_prompts).is_file():
             raise ConfigError(f"data.eval_prompts: file not found: {cfg.data.eval_prompts}")
     if cfg.game is not None and cfg.game.matrix and not Path(cfg.game.matrix).is_file():
         raise ConfigError(f"game.matrix: file not found: {cfg.game.matrix}")
-    j = cfg.judge
-    if j.kind in ("pairwise", "bradley-terry", "llm"):
-        if j.path is None:
-            raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
-        if not Path(j.path).exists() and (j.kind != "pairwise" or j.train is None):
-            raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
-        if j.train is not None and not Path(j.path).exists():
-            for i, f in enumerate(j.train.train_files):
-                if not Path(f).is_file():
-                    raise ConfigError(f"judge.train.train_files[{i}]: file not found: {f}")
+    check_judge_paths(cfg.judge)
+
+
+def check_judge_paths(j: "JudgeConfig") -> None:
+    """The judge's model folder exists, or (pairwise) can be trained from existing files;
+    hub ids are accepted for ``bradley-terry`` and ``llm`` judges.
+
+    Raises:
+        ConfigError: naming the field and the missing path.
+    """
+    if j.kind == "matrix":
+        return
+    if j.path is None:
+        raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
+    if Path(j.path).exists() or (j.kind != "pairwise" and not is_local_path(j.path) and j.path.count("/") == 1):
+        return
+    if j.kind != "pairwise" or j.train is None:
+        raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
+    for i, f in enumerate(j.train.train_files):
+        if not Path(f).is_file():
+            raise ConfigError(f"judge.train.train_files[{i}]: file not found: {f}")
 
 
 def cluster_capacity(cfg: TrainConfig) -> tuple[float, float]:
@@ -398,14 +439,15 @@ def required_resources(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def check_resources(cfg: TrainConfig) -> None:
-    """The actors fit the cluster (checked only when nlhf starts the cluster itself, i.e. no
-    address is configured or in the environment).
+    """The actors fit the cluster: the size stated in ``cluster.num_cpus``/``num_gpus``, else this
+    machine when nlhf starts the cluster itself (skipped when joining a cluster of unstated size).
 
     Raises:
         ConfigError: naming what is asked and what is there.
     """
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        return
+    stated = cfg.cluster.num_cpus is not None or cfg.cluster.num_gpus is not None
+    if not stated and (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        return  # joining a cluster of unknown (possibly autoscaling) size
     have_cpu, have_gpu = cluster_capacity(cfg)
     need_cpu, need_gpu = required_resources(cfg)
     if need_cpu > have_cpu + 1e-9:

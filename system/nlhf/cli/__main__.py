@@ -1,0 +1,5 @@
+"""``python -m nlhf.cli`` == ``nlhf``."""
+
+from nlhf.cli import app
+
+app()
