@@ -1,4 +1,4 @@
-"""``nlhf train | plot``: the main job and a look at a run."""
+"""``nlhf train | eval | plot | bench``: the main job, its evaluation, a look at a run, benchmarks."""
 
 from __future__ import annotations
 
@@ -45,7 +45,54 @@ def plot(
     print(f"wrote {out}")
 
 
+@one_line_errors
+def bench(
+    what: str = typer.Argument(..., help="rollout | sync | judge"),
+    config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", help="Training config (YAML)."),
+    out: Path = typer.Option(..., "--out", help="JSON file to write the results to."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+) -> None:
+    """Benchmark one part (one process, no Ray) and write the numbers to --out."""
+    from nlhf import bench as benches
+
+    runners = {"rollout": benches.bench_rollout, "sync": benches.bench_sync, "judge": benches.bench_judge}
+    if what not in runners:
+        raise ValueError(f"bench: unknown benchmark {what!r}; choose one of {sorted(runners)}")
+    cfg = load_train_config(config, overrides or [], check=False)
+    result = runners[what](cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+@one_line_errors
+def evaluate(
+    policy: Path = typer.Option(..., "--policy", help="HF folder of the policy to evaluate (e.g. a run's checkpoints/final)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="HF folder to compare against (default: the config's initial policy)."),
+    config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", help="Config naming the judge and the held-out prompts."),
+    num_prompts: int = typer.Option(80, "--num-prompts", min=1),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report here."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+) -> None:
+    """Win rate of a policy against a baseline on held-out prompts under the judge, with a 95% CI."""
+    from nlhf.bench import evaluate_win_rate
+    from nlhf.models import resolve_model
+
+    cfg = load_train_config(config, overrides or [], check=False)
+    for name, p in (("--policy", policy), ("--baseline", baseline)):
+        if p is not None and not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{name}: {p} is not an HF model folder (no config.json)")
+    base = str(baseline) if baseline is not None else resolve_model(cfg.policy, cfg.cache_dir)
+    report = evaluate_win_rate(cfg, str(policy), base, num_prompts)
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def register_run_commands(app: typer.Typer) -> None:
     """Attach the top-level run commands to ``app``."""
     app.command("train")(train)
+    app.command("eval")(evaluate)
     app.command("plot")(plot)
+    app.command("bench")(bench)
