@@ -182,7 +182,15 @@ class GameTrace:
         missing = [k for k in required if k not in d]
         if missing:
             raise GameError(f"run record lacks field(s): {', '.join(missing)}")
-        t = cls(**{k: d[k] for k in d if k in cls.__dataclass_fields__})
+        try:
+            t = cls(**{k: d[k] for k in d if k in cls.__dataclass_fields__})
+            t.queries = [int(q) for q in t.queries]
+            for key in ("kl_to_nash", "exploitability", "span", "policy", "nash"):
+                setattr(t, key, [float(x) for x in getattr(t, key)])
+            t.beta = float(t.beta)
+            t.eta = None if t.eta is None else float(t.eta)
+        except (TypeError, ValueError) as e:
+            raise GameError(f"run record has a malformed field: {e}") from None
         m = len(t.queries)
         if not (len(t.kl_to_nash) == len(t.exploitability) == len(t.span) == m) or m == 0:
             raise GameError("run record lists (queries, kl_to_nash, exploitability, span) differ in length")
