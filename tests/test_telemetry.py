@@ -230,3 +230,20 @@ def test_plot_run_without_metrics_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metrics.jsonl"):
         plot_run(str(tmp_path), str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_progress_eta_ignores_start_up_and_notes_print() -> None:
+    stream = io.StringIO()
+    progress = Progress(10, mode="plain", stream=stream)  # used without `with`, like the session
+    progress.phase("start-up")
+    progress._t0 -= 1000.0  # a slow start-up must not count towards the per-iteration pace
+    progress.note("actors up")
+    progress.update(1, {"time/iteration": 2.0})
+    assert progress.eta_seconds() == pytest.approx(18.0, abs=0.5)  # 9 left x 2 s
+    progress._t_first -= 30.0  # two more iterations took 30 s in all: 15 s each
+    progress.update(3, {})
+    assert progress.eta_seconds() == pytest.approx(7 * 15.0, abs=0.5)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "actors up"
+    assert lines[1].endswith("eta 18s") and lines[2].endswith("eta 1m45s")

@@ -44,9 +44,10 @@ class Progress:
         stream: where to write (default ``sys.stderr``, which Ray job logs capture).
 
     ``update(iteration, metrics)`` takes the number of the iteration just finished counting
-    from 1 (pass ``k + 1`` from a 0-based loop). The ETA is the mean wall time per iteration
-    since the context was entered, times the iterations left, so a resumed run (first update
-    at iteration 51/100) gets a sensible ETA too.
+    from 1 (pass ``k + 1`` from a 0-based loop). The ETA is the mean wall time between
+    updates times the iterations left (start-up time is not counted, and a resumed run whose
+    first update is 51/100 gets a sensible ETA too). ``note(text)`` prints any other log line.
+    Usable with ``with`` or without (the first call starts it; call :meth:`close` at the end).
 
     Usage::
 
@@ -70,11 +71,20 @@ class Progress:
         self.metrics: dict[str, Any] = {}
         self._t0: float | None = None
         self._first_iteration: int | None = None
+        self._t_first: float | None = None
         self._rich: Any = None
         self._task: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Progress":
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start the clock (and the live display in rich mode). Called by ``with`` and, if
+        the object is used without ``with``, by the first :meth:`phase`/:meth:`update`/:meth:`note`."""
+        if self._t0 is not None:
+            return
         self._t0 = time.monotonic()
         if self.mode == "rich":
             from rich.console import Console
@@ -95,7 +105,6 @@ class Progress:
             self._task = self._rich.add_task(
                 "nlhf", total=self.total, phase=self.current_phase, win_prob="-", eta="?"
             )
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -109,18 +118,34 @@ class Progress:
     # -- updates -------------------------------------------------------------------------
     def phase(self, name: str) -> None:
         """Mark the start of phase ``name`` (``rollout``, ``judge``, ``half_step``, ``sync``, ...)."""
+        self.start()
         self.current_phase = str(name)
         if self._rich is not None:
             self._rich.update(self._task, phase=self.current_phase)
 
+    def note(self, text: str) -> None:
+        """Print a free-form log line (above the live bar in rich mode, never through it)."""
+        self.start()
+        if self._rich is not None:
+            self._rich.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def eta_seconds(self) -> float | None:
-        """Seconds left at the mean pace of the iterations seen so far (None before any)."""
-        if self._t0 is None or self._first_iteration is None:
+        """Seconds left at the pace measured so far (None before the first update).
+
+        The pace is the wall time between updates (so start-up time does not count); at the
+        first update it is ``time/iteration`` when logged, else the time since start.
+        """
+        if self._t0 is None or self._first_iteration is None or self._t_first is None:
             return None
-        done = self.iteration - self._first_iteration + 1
-        if done <= 0:
-            return None
-        per_it = (time.monotonic() - self._t0) / done
+        now = time.monotonic()
+        done_since_first = self.iteration - self._first_iteration
+        if done_since_first > 0:
+            per_it = (now - self._t_first) / done_since_first
+        else:
+            logged = self.metrics.get("time/iteration")
+            per_it = float(logged) if isinstance(logged, (int, float)) and logged >= 0 else now - self._t0
         return per_it * max(self.total - self.iteration, 0)
 
     def line(self) -> str:
@@ -140,11 +165,11 @@ class Progress:
 
     def update(self, iteration: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Record that ``iteration`` (1-based) finished with ``metrics``; print/redraw."""
-        if self._t0 is None:  # used without `with`: start the clock at the first update
-            self._t0 = time.monotonic()
+        self.start()
         self.iteration = int(iteration)
         if self._first_iteration is None:
             self._first_iteration = self.iteration
+            self._t_first = time.monotonic()
         self.metrics = dict(metrics or {})
         line = self.line()
         if self._rich is not None:
