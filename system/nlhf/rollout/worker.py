@@ -1,0 +1,246 @@
+"""The rollout worker: one vLLM engine sampling responses from one policy (pi_k or pi_{k+1/2}).
+
+A plain class; the driver wraps it with ``ray.remote(num_cpus=..., num_gpus=...)`` and calls
+``generate`` / ``update_weights`` as actor methods. Un-wrapped it runs in-process (tests).
+
+Log-probabilities: the engine runs with ``logprobs_mode="processed_logprobs"``, so the
+per-token log-probabilities it reports are those of the distribution it actually samples
+from, after the allowed-token restriction, temperature and top-p (renormalised). With
+temperature 1 and top_p 1 in language mode this equals log pi(y|x) of the model; in game
+mode it is the log-probability under pi restricted to the action tokens. ``sampler_logprob``
+is therefore the right behaviour-policy term for importance weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from nlhf.batch import Rollout
+from nlhf.config import RolloutConfig
+
+EXTENSION_CLS = "nlhf.rollout.extension.WeightReceiver"
+
+
+def _on_gpu(cfg: RolloutConfig) -> bool:
+    import torch
+
+    return cfg.num_gpus > 0 and torch.cuda.is_available()
+
+
+class RolloutWorker:
+    """A vLLM engine for one rollout pool.
+
+    Args:
+        model_path: HF folder (or hub id) of the policy; its tokenizer is loaded from there too.
+        cfg: engine and sampling settings (``max_new_tokens``, ``temperature``, ``top_p``,
+            ``max_model_len``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
+            ``cpu_kvcache_gb``).
+        pool: a label for logs and stats (``"current"`` / ``"extrapolated"``).
+        seed: engine seed; also the base of per-call sampling seeds when ``generate`` gets none.
+        dtype: ``"float32"`` or ``"bfloat16"`` engine dtype.
+        action_token_ids: game mode: every response is exactly one token from these ids.
+        cache_dir: vLLM's cache root goes to ``<cache_dir>/vllm``.
+
+    On CPU (``cfg.num_gpus == 0`` or no CUDA) the engine core runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with ``cfg.cpu_kvcache_gb`` GiB of KV cache.
+    Engine start takes ~2.5 s for a tiny model on CPU.
+
+    Raises:
+        ValueError: empty or duplicate ``action_token_ids``.
+    """
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, pool: str, seed: int = 0, dtype: str = "float32",
+                 action_token_ids: list[int] | None = None, cache_dir: str = ".cache/nlhf"):
+        if action_token_ids is not None:
+            if not action_token_ids or len(set(action_token_ids)) != len(action_token_ids):
+                raise ValueError(f"action_token_ids must be non-empty and distinct, got {action_token_ids!r}")
+            action_token_ids = [int(t) for t in action_token_ids]
+        self.model_path, self.cfg, self.pool, self.seed, self.dtype = str(model_path), cfg, pool, seed, dtype
+        self.action_token_ids = action_token_ids
+        gpu = _on_gpu(cfg)
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir).resolve() / "vllm"))
+        if not gpu:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.cpu_kvcache_gb)))
+        from vllm import LLM
+
+        kwargs = dict(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls=EXTENSION_CLS,
+            logprobs_mode="processed_logprobs",
+        )
+        if gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        self._calls = 0
+        self._tokens = 0
+        self._gen_seconds = 0.0
+        self._weight_version = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: list[str], prompt_token_ids: list[list[int]], n: int, *, greedy: bool = False,
+                 max_new_tokens: int | None = None, seed: int | None = None) -> list[list[Rollout]]:
+        """Sample ``n`` responses for each prompt.
+
+        Args:
+            prompts: plain-text user prompts (copied into each :class:`Rollout` for the judge).
+            prompt_token_ids: the chat-templated prompts as token ids (what the engine reads),
+                one list per prompt.
+            n: samples per prompt (>= 1).
+            greedy: temperature 0 (all ``n`` samples are then the same argmax response).
+            max_new_tokens: overrides ``cfg.max_new_tokens`` (ignored in game mode: always 1);
+                clipped so prompt + response fits ``cfg.max_model_len``.
+            seed: sampling seed; prompt ``i`` sample ``j`` uses ``seed + i*n + j``. Default:
+                derived from the worker seed and a call counter, so a run is reproducible.
+
+        Returns:
+            ``out[i][j]``: the ``j``-th sample for prompt ``i`` (``len(prompts)`` x ``n``).
+            ``sampler_logprob`` is the sum of the sampled tokens' log-probs in nats.
+
+        Raises:
+            ValueError: mismatched ``prompts``/``prompt_token_ids``, an empty prompt, ``n < 1``,
+                ``max_new_tokens < 1``, or a prompt that leaves no room in ``max_model_len``.
+            RuntimeError: the worker was shut down.
+        """
+        from vllm import SamplingParams
+
+        if self._closed:
+            raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
+        if len(prompts) != len(prompt_token_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_token_ids)} prompt_token_ids lists")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            return []
+        budget = 1 if self.action_token_ids is not None else (max_new_tokens or self.cfg.max_new_tokens)
+        if seed is None:
+            seed = (self.seed * 1_000_003 + self._calls * 7_919) % (2**31 - 1)
+        self._calls += 1
+        params, inputs = [], []
+        for i, ids in enumerate(prompt_token_ids):
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ValueError(f"prompt_token_ids[{i}] is empty")
+            room = self.cfg.max_model_len - len(ids)
+            if room < 1:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
+            params.append(SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else self.cfg.temperature,
+                top_p=1.0 if greedy else self.cfg.top_p,
+                max_tokens=min(budget, room),
+                logprobs=0,  # the sampled token's log-prob only
+                seed=(seed + i * n) % (2**62),
+                allowed_token_ids=self.action_token_ids,
+                skip_special_tokens=True,
+            ))
+            inputs.append({"prompt_token_ids": ids})
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        self._gen_seconds += time.perf_counter() - t0
+        result: list[list[Rollout]] = []
+        for prompt, ids, out in zip(prompts, prompt_token_ids, outputs):
+            samples = []
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                toks = list(comp.token_ids)
+                logprob = 0.0
+                for tok, pos in zip(toks, comp.logprobs or []):
+                    logprob += float(pos[tok].logprob)
+                self._tokens += len(toks)
+                samples.append(Rollout(
+                    prompt=prompt,
+                    prompt_token_ids=list(ids),
+                    response_token_ids=toks,
+                    response_text=comp.text,
+                    sampler_logprob=logprob,
+                    finished=comp.finish_reason == "stop",
+                ))
+            result.append(samples)
+        return result
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, payload: bytes) -> dict:
+        """Load a full HF state dict given as safetensors bytes (``nlhf.sync.object_store.pack_state_dict``).
+
+        Under Ray, pass the ``ObjectRef`` of the bytes (``ray.put`` once per pool): Ray resolves it.
+        The prefix cache is reset so no KV block of the old weights is reused.
+
+        Returns:
+            ``{"seconds": wall time, "bytes": payload size, "tensors": tensors loaded, "version": n}``.
+        """
+        if self._closed:
+            raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"update_weights expects safetensors bytes, got {type(payload).__name__}")
+        t0 = time.perf_counter()
+        res = self.llm.collective_rpc("load_safetensors_bytes", args=(bytes(payload),))
+        self.llm.reset_prefix_cache()
+        self._weight_version += 1
+        return {"seconds": time.perf_counter() - t0, "bytes": len(payload), "tensors": res[0]["tensors"],
+                "version": self._weight_version}
+
+    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
+                          backend: str = "nccl") -> list[int]:
+        """Join the pool's weight-sync group (``nlhf.sync.nccl``); engine rank r becomes ``rank_offset + r``.
+
+        Blocks until the sender (``NcclWeightSender``) and all receivers have joined: call it
+        concurrently with the sender's constructor. Returns the group ranks of this engine.
+        """
+        return self.llm.collective_rpc("init_weight_group", args=(master_addr, master_port, rank_offset,
+                                                                  world_size, backend))
+
+    def receive_weights(self, meta: object = None) -> dict:
+        """Receive one bucketed broadcast (concurrently with ``NcclWeightSender.send``) and reload.
+
+        Returns:
+            ``{"seconds", "tensors", "version"}``.
+        """
+        t0 = time.perf_counter()
+        res = self.llm.collective_rpc("receive_weights", args=(meta,))
+        self.llm.reset_prefix_cache()
+        self._weight_version += 1
+        return {"seconds": time.perf_counter() - t0, "tensors": res[0]["tensors"], "version": self._weight_version}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stats(self) -> dict:
+        """Generation counters since the previous call (then reset).
+
+        Returns:
+            ``{"pool", "tokens", "seconds", "tokens_per_s", "weight_version", "engine_start_s"}``;
+            tokens are generated (response) tokens, seconds are wall time inside ``generate``.
+        """
+        tokens, secs = self._tokens, self._gen_seconds
+        self._tokens, self._gen_seconds = 0, 0.0
+        return {"pool": self.pool, "tokens": tokens, "seconds": secs,
+                "tokens_per_s": tokens / secs if secs > 0 else 0.0,
+                "weight_version": self._weight_version, "engine_start_s": self.start_seconds}
+
+    def shutdown(self) -> None:
+        """Stop the engine core and free its memory (/dev/shm segments). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.llm.collective_rpc("close_weight_group")
+        except Exception:
+            pass
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.llm = None
+            import gc
+
+            gc.collect()
