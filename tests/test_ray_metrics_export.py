@@ -81,8 +81,9 @@ def test_nlhf_metrics_reach_prometheus_export(tmp_path: Path, ray_with_metrics_p
                 k,
                 {
                     "charts/win_prob": 0.5 + 0.01 * k,
-                    "charts/queries": 64.0 * k,
-                    "judge/requests": 64.0,
+                    "charts/queries": 64.0 * k,  # running totals since the driver started
+                    "judge/requests": 2.0 * k,
+                    "sync/seconds": 0.5 * k,
                     "perf/tokens_per_s_current": 480.0,
                     "perf/tokens_per_s_extrapolated": 470.0,
                     "time/rollout": 3.0,
@@ -125,7 +126,8 @@ def test_nlhf_metrics_reach_prometheus_export(tmp_path: Path, ray_with_metrics_p
     assert _value(samples, "ray_nlhf_win_prob", **drv) == pytest.approx(0.53)
     assert _value(samples, "ray_nlhf_iteration", **drv) == 3
     assert _value(samples, "ray_nlhf_preference_queries_total", **drv) == pytest.approx(192)
-    assert _value(samples, "ray_nlhf_judge_requests_total", **drv) == pytest.approx(192)
+    assert _value(samples, "ray_nlhf_judge_requests_total", **drv) == pytest.approx(6)
+    assert _value(samples, "ray_nlhf_weight_sync_seconds", **drv) == pytest.approx(0.5)  # last iteration's
     assert _value(samples, "ray_nlhf_tokens_per_second", pool="current", **drv) == pytest.approx(480)
     assert _value(samples, "ray_nlhf_tokens_per_second", pool="extrapolated", **drv) == pytest.approx(470)
     assert _value(samples, "ray_nlhf_loss", step="half", **drv) == pytest.approx(0.25)

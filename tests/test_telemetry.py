@@ -39,9 +39,9 @@ def _iteration_metrics(k: int) -> dict[str, float]:
         "time/learn": 2.0,
         "time/sync": 0.2,
         "time/iteration": 6.3,
-        "sync/bytes": 2.5e8,
-        "sync/seconds": 0.2,
-        "judge/requests": 64.0,
+        "sync/bytes": 2.5e8 * k,  # running totals, like charts/queries
+        "sync/seconds": 0.2 * k,
+        "judge/requests": 2.0 * k,
         "judge/latency_s": 0.015,
     }
 
@@ -52,7 +52,7 @@ def _iteration_metrics(k: int) -> dict[str, float]:
 def test_run_logger_writes_jsonl_and_tensorboard(tmp_path: Path) -> None:
     with RunLogger(str(tmp_path), "t", ray_metrics=False) as log:
         for k in (1, 2, 3):
-            log.log(k, {**_iteration_metrics(k), "custom/thing": 7.0, "note": "text ok"})
+            log.log(k, {**_iteration_metrics(k), "custom/thing": 7.0, "note": "text ok", "charts/kl_anchor": float("nan")})
         # flushed per line: readable while the logger is still open
         assert len(read_metrics(tmp_path)) == 3
 
@@ -60,6 +60,7 @@ def test_run_logger_writes_jsonl_and_tensorboard(tmp_path: Path) -> None:
     assert [r["iteration"] for r in records] == [1, 2, 3]
     assert records[1]["charts/win_prob"] == pytest.approx(0.52)
     assert records[0]["custom/thing"] == 7.0 and records[0]["note"] == "text ok"
+    assert records[0]["charts/kl_anchor"] is None  # NaN -> null: the file is strict JSON
     assert all(isinstance(r["time"], float) and r["time"] > 1.6e9 for r in records)
     # one JSON object per line, key order: iteration, time, then the metrics
     first = (tmp_path / METRICS_FILE).read_text().splitlines()[0]
@@ -73,7 +74,7 @@ def test_run_logger_writes_jsonl_and_tensorboard(tmp_path: Path) -> None:
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"charts/win_prob", "time/rollout", "custom/thing"} <= set(tags)
-    assert "note" not in tags  # non-numeric values are jsonl-only
+    assert "note" not in tags and "charts/kl_anchor" not in tags  # jsonl-only
     steps = [(e.step, e.value) for e in acc.Scalars("charts/win_prob")]
     assert [s for s, _ in steps] == [1, 2, 3]
     assert steps[2][1] == pytest.approx(0.53)
@@ -160,6 +161,51 @@ def test_run_logger_updates_ray_metrics_with_tags(tmp_path: Path, local_ray) -> 
     with RunLogger(str(tmp_path / "b"), "run-b", tensorboard=False) as log:
         log.log(1, _iteration_metrics(1))
     assert all(m._ray_metrics[n] is created[n] for n in created)
+
+
+class _FakeMetric:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict]] = []
+
+    def set(self, value: float, tags: dict) -> None:
+        self.calls.append(("set", value, tags))
+
+    def inc(self, value: float, tags: dict) -> None:
+        assert value > 0  # what Ray's Counter enforces
+        self.calls.append(("inc", value, tags))
+
+    def observe(self, value: float, tags: dict) -> None:
+        self.calls.append(("observe", value, tags))
+
+
+def test_ray_updates_from_driver_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running totals become per-iteration increments; tags tell pools/steps/phases apart."""
+    from nlhf.telemetry import metrics as m
+
+    fakes: dict[str, _FakeMetric] = {}
+    monkeypatch.setattr(m, "_ray_is_initialized", lambda: True)
+    monkeypatch.setattr(m, "_ray_metric", lambda name: fakes.setdefault(name, _FakeMetric()))
+    with RunLogger(str(tmp_path), "r", tensorboard=False) as log:
+        log.log(1, {"charts/queries": 64.0, "sync/bytes": 100.0, "sync/seconds": 0.5, "judge/requests": 2.0,
+                    "time/rollout": 3.0, "perf/tokens_per_s_current": 480.0, "losses/half_step": 0.1,
+                    "custom/unknown": 1.0})
+        log.log(2, {"charts/queries": 128.0, "sync/bytes": 250.0, "sync/seconds": 0.75, "judge/requests": 2.0,
+                    "charts/win_prob": float("nan")})
+    run = {"run": "r"}
+    assert fakes["nlhf_preference_queries_total"].calls == [("inc", 64.0, run), ("inc", 64.0, run)]
+    assert fakes["nlhf_weight_sync_bytes_total"].calls == [("inc", 100.0, run), ("inc", 150.0, run)]
+    assert fakes["nlhf_judge_requests_total"].calls == [("inc", 2.0, run)]  # no new requests: no inc
+    assert fakes["nlhf_weight_sync_seconds"].calls == [("set", 0.5, run), ("set", 0.25, run)]
+    assert fakes["nlhf_iteration"].calls == [("set", 1, run), ("set", 2, run)]
+    assert fakes["nlhf_phase_seconds"].calls == [("observe", 3.0, {**run, "phase": "rollout"})]
+    assert fakes["nlhf_phase_last_seconds"].calls == [("set", 3.0, {**run, "phase": "rollout"})]
+    assert fakes["nlhf_tokens_per_second"].calls == [("set", 480.0, {**run, "pool": "current"})]
+    assert fakes["nlhf_loss"].calls == [("set", 0.1, {**run, "step": "half"})]
+    assert "nlhf_win_prob" not in fakes  # NaN is not exported
+    # every tag set matches the metric's declared tag keys (Ray rejects missing ones)
+    specs = {s.name: s for s in RAY_METRICS}
+    for name, fake in fakes.items():
+        assert all(set(tags) == set(specs[name].all_tag_keys) for _, _, tags in fake.calls), name
 
 
 # -- Progress --------------------------------------------------------------------------------

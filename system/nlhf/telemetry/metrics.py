@@ -70,16 +70,17 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("nlhf_phase_seconds", "histogram", "Wall time of one phase of an iteration.", ("phase",)),
     RayMetricSpec("nlhf_phase_last_seconds", "gauge", "Wall time of each phase in the last iteration.", ("phase",)),
     RayMetricSpec("nlhf_iteration_seconds", "gauge", "Wall time of the last iteration."),
-    RayMetricSpec("nlhf_judge_requests_total", "counter", "Requests sent to the judge."),
+    RayMetricSpec("nlhf_judge_requests_total", "counter", "Batched requests sent to the judge service."),
     RayMetricSpec("nlhf_judge_latency_seconds", "gauge", "Mean judge request latency in the last iteration."),
-    RayMetricSpec("nlhf_weight_sync_seconds", "gauge", "Wall time of the last weight sync."),
+    RayMetricSpec("nlhf_weight_sync_seconds", "gauge", "Weight sync wall time in the last iteration."),
     RayMetricSpec("nlhf_weight_sync_bytes_total", "counter", "Bytes of weights sent to rollout pools."),
 )
 
 _SPECS = {s.name: s for s in RAY_METRICS}
 
 # Driver key -> [(ray metric name, extra tags), ...]. Gauges are set, histograms observed,
-# counters incremented by the per-iteration value (see _CUMULATIVE_KEYS for the exception).
+# counters incremented; running totals (CUMULATIVE_KEYS) are first turned into per-iteration
+# amounts by differencing.
 _KEY_TO_METRIC: dict[str, list[tuple[str, dict[str, str]]]] = {
     "charts/win_prob": [("nlhf_win_prob", {})],
     "charts/kl_ref": [("nlhf_kl_ref", {})],
@@ -107,9 +108,10 @@ _KEY_TO_METRIC: dict[str, list[tuple[str, dict[str, str]]]] = {
 #: Driver keys that RunLogger mirrors into Ray metrics (all keys go to jsonl/TensorBoard).
 RAY_MIRRORED_KEYS: tuple[str, ...] = tuple(_KEY_TO_METRIC)
 
-#: Keys whose value is a running total (the counter is advanced by the difference).
-#: Every other counter key (``judge/requests``, ``sync/bytes``) is a per-iteration amount.
-_CUMULATIVE_KEYS = frozenset({"charts/queries"})
+#: Keys the driver logs as running totals since it started. Ray sees the per-iteration
+#: difference: counters advance by it and ``nlhf_weight_sync_seconds`` shows the sync time
+#: of the last iteration. (jsonl and TensorBoard keep the logged totals.)
+CUMULATIVE_KEYS = frozenset({"charts/queries", "judge/requests", "sync/bytes", "sync/seconds"})
 
 # Ray metric objects, created lazily, once per process (names are global in Ray).
 _ray_metrics: dict[str, Any] = {}
@@ -181,10 +183,17 @@ def _as_float(value: Any) -> float | None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, bool, int, float)) or value is None:
+    """A strict-JSON value: NaN/inf become null (jq, pandas and JavaScript read the file)."""
+    if isinstance(value, (str, bool, int)) or value is None:
         return value
     v = _as_float(value)
-    return v if v is not None else str(value)
+    if v is not None:
+        return v
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return None  # a non-finite number
 
 
 class RunLogger:
@@ -233,13 +242,14 @@ class RunLogger:
     def log(self, iteration: int, metrics: Mapping[str, float]) -> None:
         """Record ``metrics`` for ``iteration``: one jsonl line, TensorBoard scalars, Ray metrics.
 
-        Unknown keys go to jsonl and TensorBoard only. Non-numeric values go to jsonl only.
+        Unknown keys go to jsonl and TensorBoard only. Non-numeric values go to jsonl only;
+        NaN/inf are written as ``null`` and skipped by TensorBoard and Ray.
         """
         if self._file.closed:
             raise RuntimeError(f"RunLogger for {self.metrics_path} is closed")
         record = {"iteration": int(iteration), "time": time.time()}
         record.update({k: _jsonable(v) for k, v in metrics.items() if k not in record})
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
         numeric = {k: v for k, v in ((k, _as_float(v)) for k, v in metrics.items()) if v is not None}
@@ -257,6 +267,13 @@ class RunLogger:
         run = {"run": self.run_name}
         _ray_metric("nlhf_iteration").set(iteration, tags=run)
         for key, value in numeric.items():
+            if key in CUMULATIVE_KEYS:
+                # The first sighting counts everything so far (a new process starts its
+                # counters at 0, which Prometheus' rate() treats as a reset). A total that
+                # went down (a restarted driver reusing this logger) counts from zero.
+                previous = self._last_cumulative.get(key, 0.0)
+                self._last_cumulative[key] = value
+                value = value - previous if value >= previous else value
             for name, extra in _KEY_TO_METRIC.get(key, ()):
                 tags = {**run, **extra}
                 kind = _SPECS[name].kind
@@ -266,16 +283,8 @@ class RunLogger:
                 elif kind == "histogram":
                     if value >= 0:
                         metric.observe(value, tags=tags)
-                else:
-                    if key in _CUMULATIVE_KEYS:
-                        # First sighting counts everything so far (a resumed process
-                        # starts its counter at 0; Prometheus' rate() handles resets).
-                        increment = value - self._last_cumulative.get(key, 0.0)
-                        self._last_cumulative[key] = value
-                    else:
-                        increment = value
-                    if increment > 0:  # Ray counters reject increments <= 0
-                        metric.inc(increment, tags=tags)
+                elif value > 0:  # Ray counters reject increments <= 0
+                    metric.inc(value, tags=tags)
 
     def close(self) -> None:
         """Flush and close ``metrics.jsonl`` and the TensorBoard writer (idempotent)."""
