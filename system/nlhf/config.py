@@ -153,7 +153,10 @@ class JudgeTrainConfig(Strict):
 
     ``train_files`` must not name evaluation-only data (LLMBar, MT-Bench, self-instruct).
     ``max_length`` is the token budget per sequence (prompt + both responses for the pairwise
-    head). ``max_seconds`` stops training early (the schedule is still planned for ``epochs``).
+    head). ``max_seconds`` bounds the whole run: the learning-rate schedule follows
+    max(step fraction, time fraction), so it still decays to 0 when time binds.
+    ``freeze_layers`` freezes the embeddings and the lowest encoder layers (a cheaper backward).
+    ``length_feature`` adds a learned multiple of the log token-count ratio to the score.
     """
 
     encoder: str = PYPI_MINILM
@@ -170,6 +173,7 @@ class JudgeTrainConfig(Strict):
     max_val_pairs: int | None = Field(None, ge=1)
     max_seconds: float | None = Field(None, gt=0)
     freeze_embeddings: bool = False
+    freeze_layers: int = Field(0, ge=0)
     length_feature: bool = False
     eval_before: bool = False
     seed: int = 0
