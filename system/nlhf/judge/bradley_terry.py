@@ -76,7 +76,8 @@ class BradleyTerryJudge(Judge):
             raise JudgeError(f"judge {self.name}: batch_size must be >= 1, got {batch_size}")
         num_labels = getattr(model.config, "num_labels", None)
         if num_labels != 1:
-            raise JudgeError(f"judge {self.name}: the reward model must have exactly one output, it has num_labels={num_labels}")
+            raise JudgeError(f"judge {self.name}: the reward model must have exactly one output, "
+                             f"it has num_labels={num_labels}")
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise JudgeError(f"judge {self.name}: the tokenizer has neither a pad nor an eos token")
