@@ -1,0 +1,139 @@
+"""The learner group: ``cfg.learner.num_learners`` Ray actors of :class:`LearnerWorker` forming one
+torch.distributed / DeepSpeed data-parallel group.
+
+Every call goes to all ranks with the **same** StepBatch (put in the object store once); each
+rank scores and back-propagates its own shard (rollouts r, r+W, ...; see
+:mod:`nlhf.learner.worker`), and the group returns rank 0's result. The rendezvous is on
+127.0.0.1, so the learners of one group live on one node (the placement group's bundles
+0..num_learners-1, PACK strategy).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Literal
+
+from nlhf.batch import Rollout, StepBatch
+from nlhf.config import TrainConfig
+from nlhf.learner.worker import LearnerWorker
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LearnerGroup:
+    """Start ``cfg.learner.num_learners`` learner actors and drive them in lock-step.
+
+    Args:
+        cfg: the run's config; ``cfg.learner.num_cpus``/``num_gpus`` are each actor's resources.
+        policy_path, reference_path: HF folders of theta_0 and pi_ref (readable by every actor).
+        action_token_ids: game mode action tokens (see :class:`LearnerWorker`).
+        placement_group: when given, rank r is placed in bundle r of it.
+        env: extra environment variables for the actors (``DS_ACCELERATOR=cpu`` is added on CPU).
+
+    The constructor returns once every rank has joined the process group and built its engine.
+    Raises whatever an actor raised during construction (``ray.exceptions.RayActorError``).
+    """
+
+    def __init__(self, cfg: TrainConfig, policy_path: str, reference_path: str,
+                 action_token_ids: list[int] | None = None, placement_group: Any = None,
+                 env: dict[str, str] | None = None) -> None:
+        import ray
+
+        lc = cfg.learner
+        self.cfg = cfg
+        self.world_size = lc.num_learners
+        self.master_port = free_port()
+        env_vars = dict(env or {})
+        if lc.num_gpus == 0:
+            env_vars["DS_ACCELERATOR"] = "cpu"
+        remote_cls = ray.remote(LearnerWorker)
+        self.workers = []
+        for rank in range(self.world_size):
+            options: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus,
+                                       "runtime_env": {"env_vars": env_vars}}
+            if placement_group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=rank)
+            self.workers.append(remote_cls.options(**options).remote(
+                cfg, policy_path, reference_path, rank=rank, world_size=self.world_size,
+                master_addr="127.0.0.1", master_port=self.master_port, action_token_ids=action_token_ids))
+        ray.get([w.__ray_ready__.remote() for w in self.workers])
+        self._closed = False
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every rank concurrently and wait for all; returns the per-rank results."""
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def _batch_call(self, method: str, batch: StepBatch) -> dict[str, float]:
+        import ray
+
+        ref = ray.put(batch)  # one copy in the object store, shared by all ranks
+        return self._all(method, ref)[0]
+
+    def half_step(self, batch: StepBatch) -> dict[str, float]:
+        """:meth:`LearnerWorker.half_step` on all ranks (same batch); rank 0's metrics."""
+        return self._batch_call("half_step", batch)
+
+    def full_step(self, batch: StepBatch) -> dict[str, float]:
+        """:meth:`LearnerWorker.full_step` on all ranks (same batch); rank 0's metrics."""
+        return self._batch_call("full_step", batch)
+
+    def omd_step(self, batch: StepBatch) -> dict[str, float]:
+        """:meth:`LearnerWorker.omd_step` on all ranks (same batch); rank 0's metrics."""
+        return self._batch_call("omd_step", batch)
+
+    def state_dict_bytes(self) -> bytes:
+        """Rank 0's gathered policy weights as safetensors bytes (fetched to the caller)."""
+        return self._all("state_dict_bytes")[0]
+
+    def state_dict_ref(self) -> Any:
+        """Like :meth:`state_dict_bytes` but returns the ObjectRef of rank 0's bytes (not fetched),
+        once every rank has finished the gather; hand it to rollout workers directly."""
+        import ray
+
+        refs = [w.state_dict_bytes.remote() for w in self.workers]
+        ray.get(refs[1:])
+        ray.wait([refs[0]], num_returns=1)
+        return refs[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        """HF checkpoint of the policy at ``path`` (written by rank 0; see :meth:`LearnerWorker.save_checkpoint`)."""
+        self._all("save_checkpoint", path)
+
+    def sequence_logprobs(self, rollouts: list[Rollout],
+                          which: Literal["policy", "reference", "anchor"] = "policy") -> list[float]:
+        """Rank 0's :meth:`LearnerWorker.sequence_logprobs` (all ranks run it: ZeRO-3 is collective)."""
+        import ray
+
+        return self._all("sequence_logprobs", ray.put(rollouts), which)[0]
+
+    def init_weight_sender(self, name: str, master_addr: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins weight-sync group ``name`` as sender (blocks until the receivers join)."""
+        self._all("init_weight_sender", name, master_addr, master_port, world_size)
+
+    def send_weights_nccl(self, name: str, bucket_mb: float = 256.0) -> tuple[None, list[Any]]:
+        """Start a weight broadcast over group ``name`` without waiting; returns ``(None, refs)``:
+        the receivers need no metadata, and ``ray.get(refs)`` waits for the send (all ranks gather)."""
+        return None, [w.send_weights.remote(name, bucket_mb) for w in self.workers]
+
+    def shutdown(self) -> None:
+        """Destroy the process groups and kill the actors (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+
+        try:
+            self._all("shutdown")
+        finally:
+            for w in self.workers:
+                ray.kill(w)
