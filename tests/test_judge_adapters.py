@@ -218,3 +218,17 @@ def test_llm_judge_overlong(llm_judge):
             llm_judge.prefer(["Say something."], ["short"], [long])
     finally:
         llm_judge.on_overlong = "truncate"
+
+
+# ----------------------------------------------------------------------------- pairwise (through the factory)
+def test_factory_builds_pairwise_with_config_limits(tmp_path):
+    from nlhf.judge.pairwise import make_tiny_pairwise
+
+    folder = make_tiny_pairwise(tmp_path / "tiny-pairwise")
+    judge = build_judge(JudgeConfig(kind="pairwise", path=str(folder), max_length=64, on_overlong="reject",
+                                    batch_size=4))
+    assert judge.name == "pairwise" and judge.truncations == 0
+    p = judge.prefer(["Name a colour."] * 2, ["Blue.", "Red."], ["Red.", "Blue."])
+    np.testing.assert_allclose(p[0] + p[1], 1.0, atol=1e-6)
+    with pytest.raises(JudgeError):
+        judge.prefer(["Name a colour."], ["word " * 200], ["Red."])

@@ -17,7 +17,8 @@ HTTP (``serve.http.enabled``): ``POST /prefer`` with JSON ``{"prompts": [...], "
 [...], "responses_b": [...]}`` answers ``{"probabilities": [...]}``. Errors answer JSON
 ``{"error": "..."}``: 400 (body is not JSON or not that object), 401 (bearer token missing or
 wrong), 404/405 (other path or method), 422 (the judge refused the request: mismatched lengths,
-an empty prompt, an over-long pair in reject mode, an unknown action). A bearer token
+an empty prompt, a non-string, an over-long pair in reject mode, an unknown action), 500 only
+when the judge itself fails (e.g. out of memory). A bearer token
 (``serve.http.token`` or the environment variable named by ``serve.http.token_env``) is
 required when the host is not loopback, and checked whenever one is configured.
 """
@@ -296,14 +297,13 @@ class JudgeService:
         """``POST /prefer`` (see the module docstring)."""
         from starlette.responses import JSONResponse
 
-        path = request.url.path.rstrip("/")
-        if not path.endswith("/prefer"):
-            return _error(404, f"no route {request.url.path!r}; use POST /prefer")
-        if request.method != "POST":
-            return _error(405, f"method {request.method} not allowed; use POST /prefer", {"Allow": "POST"})
         if not bearer_ok(request.headers.get("authorization"), self.token_sha256):
             return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                           {"WWW-Authenticate": "Bearer"})
+        if not request.url.path.rstrip("/").endswith("/prefer"):
+            return _error(404, f"no route {request.url.path!r}; use POST /prefer")
+        if request.method != "POST":
+            return _error(405, f"method {request.method} not allowed; use POST /prefer", {"Allow": "POST"})
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -321,6 +321,8 @@ class JudgeService:
             probs = await self.prefer(body["prompts"], body["responses_a"], body["responses_b"])
         except JudgeError as e:
             return _error(422, str(e))
+        except Exception as e:  # noqa: BLE001 - a fault of the judge, not of the request
+            return _error(500, f"judge {self.judge.name} failed: {type(e).__name__}: {e}")
         return JSONResponse({"probabilities": probs})
 
     def __del__(self) -> None:
