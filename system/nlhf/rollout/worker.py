@@ -13,6 +13,7 @@ is therefore the right behaviour-policy term for importance weights.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ class RolloutWorker:
             prompt_token_ids: the chat-templated prompts as token ids (what the engine reads),
                 one list per prompt.
             n: samples per prompt (>= 1).
-            greedy: temperature 0 (all ``n`` samples are then the same argmax response).
+            greedy: temperature 0; the argmax response is decoded once and returned ``n`` times
+                (as independent copies).
             max_new_tokens: overrides ``cfg.max_new_tokens`` (ignored in game mode: always 1);
                 clipped so prompt + response fits ``cfg.max_model_len``.
             seed: sampling seed; prompt ``i`` sample ``j`` uses ``seed + i*n + j``. Default:
@@ -106,7 +108,9 @@ class RolloutWorker:
 
         Returns:
             ``out[i][j]``: the ``j``-th sample for prompt ``i`` (``len(prompts)`` x ``n``).
-            ``sampler_logprob`` is the sum of the sampled tokens' log-probs in nats.
+            ``sampler_logprob`` is the sum of the sampled tokens' log-probs in nats;
+            ``finished`` is True when the engine stopped on EOS/stop (always True in game
+            mode, where the single action token is the whole response).
 
         Raises:
             ValueError: mismatched ``prompts``/``prompt_token_ids``, an empty prompt, ``n < 1``,
@@ -138,7 +142,7 @@ class RolloutWorker:
             if room < 1:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
             params.append(SamplingParams(
-                n=n,
+                n=1 if greedy else n,  # vLLM refuses n > 1 with greedy; copies are made below
                 temperature=0.0 if greedy else self.cfg.temperature,
                 top_p=1.0 if greedy else self.cfg.top_p,
                 max_tokens=min(budget, room),
@@ -151,6 +155,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         self._gen_seconds += time.perf_counter() - t0
+        game = self.action_token_ids is not None  # a one-token action is a complete response
         result: list[list[Rollout]] = []
         for prompt, ids, out in zip(prompts, prompt_token_ids, outputs):
             samples = []
@@ -166,8 +171,11 @@ class RolloutWorker:
                     response_token_ids=toks,
                     response_text=comp.text,
                     sampler_logprob=logprob,
-                    finished=comp.finish_reason == "stop",
+                    finished=game or comp.finish_reason == "stop",
                 ))
+            if greedy:
+                samples = samples + [dataclasses.replace(samples[0]) for _ in range(n - 1)]
+                self._tokens += (n - 1) * len(samples[0].response_token_ids)
             result.append(samples)
         return result
 
