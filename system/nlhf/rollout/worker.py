@@ -45,7 +45,10 @@ class RolloutWorker:
         cache_dir: vLLM's cache root goes to ``<cache_dir>/vllm``.
 
     On CPU (``cfg.num_gpus == 0`` or no CUDA) the engine core runs in this process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with ``cfg.cpu_kvcache_gb`` GiB of KV cache.
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with ``cfg.cpu_kvcache_gb`` GiB of KV cache
+    (rounded to a whole GiB, at least 1: vLLM reads an integer). On GPU the engine uses
+    ``cfg.gpu_memory_utilization`` and vLLM's default executor; tensor parallelism > 1 inside
+    a Ray actor needs vLLM's own placement (not exercised here).
     Engine start takes ~2.5 s for a tiny model on CPU.
 
     Raises:
