@@ -308,9 +308,10 @@ def test_two_learner_group_zero3(ray_cluster, tiny_model_dir, tok):
         assert_same(sds[0], sds[1], "rank 0 vs rank 1")
         for k, v in ref_sd.items():
             torch.testing.assert_close(sds[0][k], v, atol=5e-4, rtol=0)  # Adam steps are +-lr-sized
-        blob = group.state_dict_bytes()
         from safetensors.torch import load
 
-        assert_same(load(blob), sds[0], "state_dict_bytes")
+        assert_same(load(group.state_dict_bytes()), sds[0], "state_dict_bytes")
+        assert_same(load(ray_cluster.get(group.state_dict_ref())), sds[0], "state_dict_ref")
+        assert group.sequence_logprobs(rollouts, "anchor") == group.sequence_logprobs(rollouts, "policy")
     finally:
         group.shutdown()

@@ -64,14 +64,28 @@ class LearnerGroup:
             self.workers.append(remote_cls.options(**options).remote(
                 cfg, policy_path, reference_path, rank=rank, world_size=self.world_size,
                 master_addr="127.0.0.1", master_port=self.master_port, action_token_ids=action_token_ids))
-        ray.get([w.__ray_ready__.remote() for w in self.workers])
         self._closed = False
+        try:
+            self._wait([w.__ray_ready__.remote() for w in self.workers])
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+
+    @staticmethod
+    def _wait(refs: list[Any]) -> list[Any]:
+        """Results of ``refs`` in order; raises as soon as any rank fails (its peers may be stuck
+        in a collective waiting for it, so waiting for all first could hang)."""
+        import ray
+
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(refs)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank concurrently and wait for all; returns the per-rank results."""
-        import ray
-
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return self._wait([getattr(w, method).remote(*args) for w in self.workers])
 
     def _batch_call(self, method: str, batch: StepBatch) -> dict[str, float]:
         import ray
@@ -101,8 +115,11 @@ class LearnerGroup:
         import ray
 
         refs = [w.state_dict_bytes.remote() for w in self.workers]
-        ray.get(refs[1:])
-        ray.wait([refs[0]], num_returns=1)
+        pending = list(refs)
+        while pending:  # wait for all without fetching rank 0's bytes; raise on the first failure
+            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            if done[0] is not refs[0]:
+                ray.get(done)
         return refs[0]
 
     def save_checkpoint(self, path: str) -> None:
@@ -125,15 +142,18 @@ class LearnerGroup:
         the receivers need no metadata, and ``ray.get(refs)`` waits for the send (all ranks gather)."""
         return None, [w.send_weights.remote(name, bucket_mb) for w in self.workers]
 
-    def shutdown(self) -> None:
-        """Destroy the process groups and kill the actors (idempotent)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Destroy the process groups (when ``graceful``; best effort, 60 s) and kill the actors (idempotent)."""
         if self._closed:
             return
         self._closed = True
         import ray
 
         try:
-            self._all("shutdown")
+            if graceful:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort: a dead or stuck rank must not block teardown
+            pass
         finally:
             for w in self.workers:
                 ray.kill(w)

@@ -87,6 +87,11 @@ def _default_pair_index(rollouts: list[Rollout]) -> list[int]:
     return pair
 
 
+def _rollout_key(rollouts: list[Rollout]) -> tuple:
+    """Identity of a batch's samples (prompt and response ids) for reusing its log-probs."""
+    return tuple((tuple(r.prompt_token_ids), tuple(r.response_token_ids)) for r in rollouts)
+
+
 def _clone_state(state: dict) -> dict:
     return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
 
@@ -177,7 +182,10 @@ class LearnerWorker:
         self._grad_norm: float | None = None
         if _clips_itself(cfg):
             adamw.register_step_pre_hook(self._clip_hook)
-        self._snapshot: tuple[list, list, dict] | None = None
+        self._snapshot: tuple[list, list, dict, bool] | None = None
+        # True while the policy's weights are exactly the anchor's (snapshot mode, before any step)
+        self._policy_is_anchor = cfg.algorithm.anchor == "snapshot"
+        self._cache: tuple | None = None  # (rollout key, logp_ref, logp_anchor, logp_k) of the last update
         self._senders: dict = {}
         self._closed = False
 
@@ -258,7 +266,8 @@ class LearnerWorker:
         state = self._base_optimizer.state
         self._snapshot = ([t.detach().clone() for t in tensors],
                           [_clone_state(state[p]) if p in state else None for p in masters],
-                          {name: copy.deepcopy(vars(obj)) for name, obj in self._scaler_objects().items()})
+                          {name: copy.deepcopy(vars(obj)) for name, obj in self._scaler_objects().items()},
+                          self._policy_is_anchor)
 
     def _scaler_objects(self) -> dict[str, object]:
         """DeepSpeed's loss-scaling bookkeeping (scale, iteration counters), part of the optimiser state."""
@@ -275,7 +284,7 @@ class LearnerWorker:
         """
         if self._snapshot is None:
             raise RuntimeError("no theta_k snapshot to restore: call half_step before full_step")
-        saved_tensors, saved_state, saved_scalers = self._snapshot
+        saved_tensors, saved_state, saved_scalers, self._policy_is_anchor = self._snapshot
         tensors, masters = self._state_tensors()
         if len(tensors) != len(saved_tensors) or len(masters) != len(saved_state):
             raise RuntimeError("the learner's state layout changed since the snapshot")
@@ -304,9 +313,17 @@ class LearnerWorker:
             raise ValueError("empty StepBatch")
         idx, valid = self._shard(n)
         local = [batch.rollouts[i] for i in idx]
-        with torch.no_grad():
-            logp_ref = self._to_full(self._logp(self.reference, local), idx, valid, n)
-            logp_anchor = self._to_full(self._logp(self.anchor, local), idx, valid, n)
+        key = _rollout_key(batch.rollouts)
+        logp_k: torch.Tensor | None = None  # log pi_theta at the weights the step starts from
+        if self._cache is not None and self._cache[0] == key:
+            # full step on the half-step's samples: theta_k, pi_ref and the anchor are unchanged
+            _, logp_ref, logp_anchor, logp_k = self._cache
+        else:
+            with torch.no_grad():
+                logp_ref = self._to_full(self._logp(self.reference, local), idx, valid, n)
+                # snapshot anchor == the weights we start from: take it from pass 1 below
+                logp_anchor = None if self._policy_is_anchor else self._to_full(
+                    self._logp(self.anchor, local), idx, valid, n)
         logp_sampler = torch.tensor([r.sampler_logprob for r in batch.rollouts], dtype=torch.float32, device=self.device)
         preference = torch.tensor(batch.preference, dtype=torch.float32, device=self.device)
         pair = batch.pair_index or _default_pair_index(batch.rollouts)
@@ -315,10 +332,17 @@ class LearnerWorker:
         metrics: dict[str, float] = {}
         for step in range(alg.inner_steps):
             # pass 1: log-probs of the whole batch at the current theta, loss, dL/dlogp
-            self.engine.module.eval()
-            with torch.no_grad():
-                logp_now = self._to_full(self._logp(self.engine.module, local), idx, valid, n)
-            self.engine.module.train()
+            if step == 0 and logp_k is not None:
+                logp_now = logp_k
+            else:
+                self.engine.module.eval()
+                with torch.no_grad():
+                    logp_now = self._to_full(self._logp(self.engine.module, local), idx, valid, n)
+                self.engine.module.train()
+            if step == 0:
+                logp_k = logp_now
+                if logp_anchor is None:
+                    logp_anchor = logp_now
             logp_leaf = logp_now.clone().requires_grad_(True)
             out = proximal_loss(alg.estimator, logp=logp_leaf, logp_ref=logp_ref, logp_anchor=logp_anchor,
                                 logp_sampler=logp_sampler, preference=preference, pair_index=pair_index,
@@ -333,6 +357,7 @@ class LearnerWorker:
                 lp = self._logp(self.engine, local[s:s + mb])
                 self.engine.backward((g_local[s:s + mb] * lp).sum(), scale_wrt_gas=False)
             self.engine.step()
+            self._policy_is_anchor = False
             metrics["loss"] = float(out.loss.detach())
             gn = self._grad_norm if _clips_itself(self.cfg) else self.engine.get_global_grad_norm()
             metrics["grad_norm"] = float(gn) if gn is not None else float("nan")
@@ -340,6 +365,7 @@ class LearnerWorker:
                 if k not in ("kl_ref", "kl_anchor", "loss", "grad_norm"):
                     metrics[k] = float(v)
         metrics["step_time_s"] = time.perf_counter() - t0
+        self._cache = (key, logp_ref, logp_anchor, logp_k)
         return metrics
 
     @torch.no_grad()
@@ -355,6 +381,7 @@ class LearnerWorker:
                     a.copy_(src)
                 else:
                     a.mul_(alg.ema_decay).add_(src, alpha=1.0 - alg.ema_decay)
+        self._policy_is_anchor = alg.anchor == "snapshot"
 
     # ------------------------------------------------------------------ public API
     def half_step(self, batch: StepBatch) -> dict[str, float]:
@@ -368,7 +395,8 @@ class LearnerWorker:
             last inner step), ``step_time_s``, plus the loss's own metrics.
         """
         self._take_snapshot()
-        return self._proximal_update(batch)
+        self._cache = None
+        return self._proximal_update(batch)  # leaves (rollouts, logp_ref, logp_anchor, logp_k) in the cache
 
     def full_step(self, batch: StepBatch) -> dict[str, float]:
         """Nash-MP full step (collective): restore theta_k exactly (weights and optimiser state),
@@ -381,14 +409,17 @@ class LearnerWorker:
         """
         self._restore()
         self._snapshot = None
-        metrics = self._proximal_update(batch)
+        metrics = self._proximal_update(batch)  # reuses the half-step's log-probs when the rollouts are the same
+        self._cache = None
         self._update_anchor()
         return metrics
 
     def omd_step(self, batch: StepBatch) -> dict[str, float]:
         """Online mirror descent baseline (collective): one proximal update from the current theta
         (no snapshot, no restore), then the anchor update as in :meth:`full_step`."""
+        self._cache = None
         metrics = self._proximal_update(batch)
+        self._cache = None
         self._update_anchor()
         return metrics
 
