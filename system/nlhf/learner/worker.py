@@ -249,15 +249,19 @@ class LearnerWorker:
         from them."""
         if self._zero3():
             self.engine.empty_partition_cache()
-        tensors: list[torch.Tensor] = []
-        for p in self.engine.module.parameters():
-            tensors.append(p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data)
         opt = self.engine.optimizer
         if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 empties AdamW's param_groups between steps
             masters = list(opt.fp32_partitioned_groups_flat)
         else:
             masters = [p for group in self._base_optimizer.param_groups for p in group["params"]]
-        tensors.extend(p.data for p in masters)
+        weights = [p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data for p in self.engine.module.parameters()]
+        tensors: list[torch.Tensor] = []
+        seen: set[tuple] = set()
+        for t in weights + [p.data for p in masters]:  # stage 0 fp32: the masters are the weights
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                tensors.append(t)
         return tensors, masters
 
     def _take_snapshot(self) -> None:
