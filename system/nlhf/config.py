@@ -120,6 +120,7 @@ class RolloutConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_model_len: int = Field(1024, ge=16)
+    max_num_seqs: int = Field(64, ge=1)  # sequences per engine step (also sizes per-request buffers)
     enforce_eager: bool = True
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     cpu_kvcache_gb: float = Field(1.0, gt=0)

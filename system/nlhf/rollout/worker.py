@@ -77,6 +77,7 @@ class RolloutWorker:
             seed=seed,
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
             tensor_parallel_size=cfg.tensor_parallel_size,
             worker_extension_cls=EXTENSION_CLS,
             logprobs_mode="processed_logprobs",
