@@ -161,8 +161,9 @@ def test_sequence_logprobs_restricted_to_action_tokens(tiny_model_dir, tok):
 
 
 # ----------------------------------------------------------------------------- worker steps
-def test_half_step_moves_weights_towards_preferred_samples(tiny_model_dir, tok):
-    with learner(make_cfg(), tiny_model_dir) as w:
+@pytest.mark.parametrize("estimator", ["pg", "regression"])
+def test_half_step_moves_weights_towards_preferred_samples(tiny_model_dir, tok, estimator):
+    with learner(make_cfg(algorithm={"estimator": estimator}), tiny_model_dir) as w:
         rollouts = make_rollouts(tok)
         batch = batch_for(w, rollouts, PREF)
         before_sd = w.gathered_state_dict()
@@ -176,10 +177,29 @@ def test_half_step_moves_weights_towards_preferred_samples(tiny_model_dir, tok):
         after_sd = w.gathered_state_dict()
         assert any(not torch.equal(before_sd[k], after_sd[k]) for k in before_sd)
         delta = after - before
-        assert delta[0::2].mean() > 0 > delta[1::2].mean()  # winners up, losers down
+        if estimator == "pg":
+            assert delta[0::2].mean() > 0 > delta[1::2].mean()  # winners up, losers down
+        else:  # regression moves log-ratios within pairs: winner minus loser goes up
+            assert (delta[0::2] - delta[1::2]).mean() > 0
         # the anchor (pi_k) and the reference did not move during a half-step
         torch.testing.assert_close(torch.tensor(w.sequence_logprobs(rollouts, "anchor")), before, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(w.sequence_logprobs(rollouts, "reference")), before, atol=1e-5, rtol=0)
+
+
+def test_game_mode_step_raises_the_winning_action(tiny_model_dir, tok):
+    """One-token game: log-probs are over the action set only, and a half-step on
+    'action A beats everything' raises pi(A) under the restricted softmax."""
+    actions = [tok.convert_tokens_to_ids(c) for c in "ABCDE"]
+    prompt = tok.encode("Choose one letter.")
+    rollouts = [Rollout("x", prompt, [a], "", 0.0) for a in actions] * 2
+    with learner(make_cfg(), tiny_model_dir, action_token_ids=actions) as w:
+        before = torch.tensor(w.sequence_logprobs(rollouts[:5]))
+        torch.testing.assert_close(before.exp().sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+        pref = [1.0 if r.response_token_ids[0] == actions[0] else 0.5 for r in rollouts]
+        w.half_step(batch_for(w, rollouts, pref))
+        after = torch.tensor(w.sequence_logprobs(rollouts[:5]))
+        torch.testing.assert_close(after.exp().sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+        assert after[0] > before[0]
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16"), (2, "fp32"), (3, "fp32"), (3, "bf16")])
