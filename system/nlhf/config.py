@@ -220,6 +220,7 @@ class LearnerConfig(Strict):
     gradient_checkpointing: bool = False
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # None: max(1, floor(num_cpus))
 
 
 class SyncConfig(Strict):

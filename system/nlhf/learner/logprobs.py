@@ -46,6 +46,42 @@ def _check(rollouts: Sequence[Rollout], action_token_ids: Sequence[int] | None) 
                 raise ValueError(f"game mode: rollout {i} response token {r.response_token_ids[0]} is not an action token")
 
 
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The HF decoder stack and output embedding of ``model`` (unwrapping a DeepSpeed engine),
+    or None when logits are not simply ``head(last_hidden_state)`` (soft-capped or scaled logits)."""
+    hf = getattr(model, "module", model)
+    config = getattr(hf, "config", None)
+    if config is None or any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale")):
+        return None
+    get_decoder, get_head = getattr(hf, "get_decoder", None), getattr(hf, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or head is None or decoder is hf:
+        return None
+    return decoder, head
+
+
+def _response_logprobs(split: tuple[torch.nn.Module, torch.nn.Module], input_ids: torch.Tensor,
+                       attention: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                       actions: torch.Tensor | None) -> torch.Tensor:
+    """Per-row sum of response-token log-probs, applying the LM head only where a response
+    token is predicted: (M, H) @ (H, V) for the M response tokens of the micro-batch instead of
+    (N, T, H) @ (H, V) for every position (most positions are prompt or padding)."""
+    decoder, head = split
+    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
+    rows, cols = mask.nonzero(as_tuple=True)  # the M positions that predict a response token
+    logits = head(hidden[rows, cols]).float()  # (M, V)
+    tgt = targets[rows, cols]  # (M,)
+    if actions is None:
+        tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    else:  # game mode: one response token per row, scored under the softmax restricted to the actions
+        sub = logits[:, actions].log_softmax(-1)  # (M, A)
+        which = (tgt.unsqueeze(-1) == actions).float().argmax(-1)
+        tok = sub[torch.arange(len(tgt), device=tgt.device), which]
+    return torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+
 def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                       action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
     """log pi(y_i | x_i) for every rollout, summed over its response tokens, in nats.
@@ -74,10 +110,14 @@ def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro
     _check(rollouts, action_token_ids)
     device = next(iter(model.parameters())).device
     actions = None if action_token_ids is None else torch.tensor(list(action_token_ids), dtype=torch.long, device=device)
+    split = _decoder_and_head(model)
     out = []
     for start in range(0, len(rollouts), micro_batch_size):
         chunk = rollouts[start:start + micro_batch_size]
         input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
+        if split is not None:
+            out.append(_response_logprobs(split, input_ids, attention, targets, mask, actions))
+            continue
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # (N, T-1, V)
         if actions is None:
             # logp(target) = logit[target] - logsumexp(logits), in float32, without a (N, T, V) float copy

@@ -157,7 +157,9 @@ class RolloutWorker:
             ))
             inputs.append({"prompt_token_ids": ids})
         t0 = time.perf_counter()
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = []
+        for lo, hi in self._waves([(len(x["prompt_token_ids"]), p.n) for x, p in zip(inputs, params)]):
+            outputs.extend(self.llm.generate(inputs[lo:hi], params[lo:hi], use_tqdm=False))
         self._gen_seconds += time.perf_counter() - t0
         game = self.action_token_ids is not None  # a one-token action is a complete response
         result: list[list[Rollout]] = []
@@ -182,6 +184,28 @@ class RolloutWorker:
                 self._tokens += (n - 1) * len(samples[0].response_token_ids)
             result.append(samples)
         return result
+
+    def _waves(self, requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Split requests, given as (prompt tokens, samples), into consecutive index ranges
+        whose prefills fit one engine step.
+
+        vLLM (CPU, 0.32) raises "CPU Generator does not use offset" when a request with its own
+        seed has its prefill split across steps (chunked prefill), which happens as soon as a
+        call's prompts exceed ``max_num_batched_tokens``. Submitting waves that fit the step's
+        token and sequence budgets keeps every prefill whole; a single over-long prompt still
+        goes alone (and may be chunked, as vLLM requires).
+        """
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        waves, lo, tokens, seqs = [], 0, 0, 0
+        for i, (prompt_len, n) in enumerate(requests):  # a request with n samples prefills n sequences
+            if i > lo and (tokens + prompt_len * n > budget or seqs + n > max_seqs):
+                waves.append((lo, i))
+                lo, tokens, seqs = i, 0, 0
+            tokens += prompt_len * n
+            seqs += n
+        waves.append((lo, len(requests)))
+        return waves
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, payload: bytes) -> dict:
