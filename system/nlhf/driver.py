@@ -48,11 +48,13 @@ def train(cfg: TrainConfig) -> dict:
             # 2. half-step: opponent = another response of pi_k to the same prompt
             with timed(t, "judge", s):
                 p_half = s.judge_pairs(prompts, ys, ys, shift=1)
-            with timed(t, "learn", s):
-                half = s.learners.half_step(StepBatch(y, p_half, pair))
             if cfg.algorithm.name == "omd":  # baseline: online mirror descent keeps the half-step
-                full = half
+                with timed(t, "learn", s):
+                    half = full = s.learners.omd_step(StepBatch(y, p_half, pair))
             else:
+                with timed(t, "learn", s):
+                    half = s.learners.half_step(StepBatch(y, p_half, pair))
+
                 # 3. theta_{k+1/2} -> extrapolated pool; opponent responses y'' ~ pi_{k+1/2}
                 with timed(t, "sync", s):
                     s.sync.push("extrapolated")

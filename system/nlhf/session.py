@@ -185,7 +185,9 @@ class Session:
             P = bradley_terry_game(np.random.default_rng(g.seed).normal(size=g.n))
         ids, names = pick_action_tokens(self.tokenizer, P.shape[0])
         self.game = {"P": P, "action_token_ids": ids, "actions": names}
-        self.prompts = PromptSampler(render_prompts([g.prompt], self.tokenizer, 10_000), seed=cfg.seed)
+        # The game prompt is plain tokens (no chat template): a few tokens instead of ~35, which
+        # makes every learner pass over the ~1000 one-token samples an iteration needs cheap.
+        self.prompts = PromptSampler([Prompt(g.prompt, self.tokenizer.encode(g.prompt))], seed=cfg.seed)
         return ids
 
     def _start_judge(self) -> Any:

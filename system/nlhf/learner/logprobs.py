@@ -71,12 +71,19 @@ def _response_logprobs(split: tuple[torch.nn.Module, torch.nn.Module], input_ids
     decoder, head = split
     hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
     rows, cols = mask.nonzero(as_tuple=True)  # the M positions that predict a response token
-    logits = head(hidden[rows, cols]).float()  # (M, V)
+    h = hidden[rows, cols]  # (M, H)
     tgt = targets[rows, cols]  # (M,)
     if actions is None:
+        logits = head(h).float()  # (M, V)
         tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     else:  # game mode: one response token per row, scored under the softmax restricted to the actions
-        sub = logits[:, actions].log_softmax(-1)  # (M, A)
+        weight = getattr(head, "weight", None)
+        if isinstance(head, torch.nn.Linear) and weight is not None and not hasattr(weight, "ds_id"):
+            bias = None if head.bias is None else head.bias[actions]
+            sub_logits = torch.nn.functional.linear(h, weight[actions], bias)  # (M, A): only the action rows
+        else:  # ZeRO-3 partitions the weight; let the module gather it
+            sub_logits = head(h)[:, actions]
+        sub = sub_logits.float().log_softmax(-1)  # (M, A)
         which = (tgt.unsqueeze(-1) == actions).float().argmax(-1)
         tok = sub[torch.arange(len(tgt), device=tgt.device), which]
     return torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
