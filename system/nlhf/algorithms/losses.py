@@ -399,6 +399,33 @@ def proximal_loss(
 # --------------------------------------------------------------------------- baselines
 
 
+def _reference_pair_regression(logp: torch.Tensor, logp_ref: torch.Tensor, preference: torch.Tensor,
+                               pair_index: torch.Tensor, beta: float, *, against_opponent: bool) -> LossOutput:
+    """Shared body of :func:`online_ipo_loss` (``against_opponent=False``: target
+    ``(preference[i] - 1/2)/beta``) and :func:`egpo_loss` (``True``: target
+    ``(preference[i] - preference[j])/beta``); regresses the reference-relative log-ratio of
+    each pair ``(i, j = pair_index[i])`` onto the target."""
+    logp = _check_logp("logp", logp, None)
+    batch = logp.shape[0]
+    logp_ref = _check_logp("logp_ref", logp_ref, batch).detach()
+    preference = _check_preference(preference, batch)
+    pair_index = _check_pair_index(pair_index, batch)
+    _same_device(logp, logp_ref=logp_ref, preference=preference, pair_index=pair_index)
+    beta = _check_positive("beta", beta)
+
+    j = pair_index
+    h = (logp - logp[j]) - (logp_ref - logp_ref[j])
+    target = ((preference - preference[j]) if against_opponent else (preference - 0.5)) / beta
+    loss, metrics = _pair_regression(h, target)
+    metrics = {
+        "loss": float(loss.detach()),
+        **metrics,
+        "preference_mean": float(preference.mean()),
+        "kl_ref": float((logp.detach() - logp_ref).mean()),
+    }
+    return LossOutput(loss, metrics)
+
+
 def online_ipo_loss(
     logp: torch.Tensor,
     logp_ref: torch.Tensor,
@@ -433,25 +460,7 @@ def online_ipo_loss(
     Raises:
         ValueError: on invalid inputs.
     """
-    logp = _check_logp("logp", logp, None)
-    batch = logp.shape[0]
-    logp_ref = _check_logp("logp_ref", logp_ref, batch).detach()
-    preference = _check_preference(preference, batch)
-    pair_index = _check_pair_index(pair_index, batch)
-    _same_device(logp, logp_ref=logp_ref, preference=preference, pair_index=pair_index)
-    beta = _check_positive("beta", beta)
-
-    j = pair_index
-    h = (logp - logp[j]) - (logp_ref - logp_ref[j])
-    target = (preference - 0.5) / beta
-    loss, metrics = _pair_regression(h, target)
-    metrics = {
-        "loss": float(loss.detach()),
-        **metrics,
-        "preference_mean": float(preference.mean()),
-        "kl_ref": float((logp.detach() - logp_ref).mean()),
-    }
-    return LossOutput(loss, metrics)
+    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=False)
 
 
 def egpo_loss(
@@ -481,25 +490,7 @@ def egpo_loss(
     Args / Returns / Raises: as :func:`online_ipo_loss`, except ``preference`` is against an
     opponent sample, not the partner.
     """
-    logp = _check_logp("logp", logp, None)
-    batch = logp.shape[0]
-    logp_ref = _check_logp("logp_ref", logp_ref, batch).detach()
-    preference = _check_preference(preference, batch)
-    pair_index = _check_pair_index(pair_index, batch)
-    _same_device(logp, logp_ref=logp_ref, preference=preference, pair_index=pair_index)
-    beta = _check_positive("beta", beta)
-
-    j = pair_index
-    h = (logp - logp[j]) - (logp_ref - logp_ref[j])
-    target = (preference - preference[j]) / beta
-    loss, metrics = _pair_regression(h, target)
-    metrics = {
-        "loss": float(loss.detach()),
-        **metrics,
-        "preference_mean": float(preference.mean()),
-        "kl_ref": float((logp.detach() - logp_ref).mean()),
-    }
-    return LossOutput(loss, metrics)
+    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=True)
 
 
 def nash_md_pg_loss(
