@@ -60,7 +60,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
-           "--num-cpus=2", f"--temp-dir={tmp}", "--include-dashboard=true"]
+           "--num-cpus=2", f"--temp-dir={tmp}", "--include-dashboard=true",
+           '--system-config={"metrics_report_interval_ms": 2000}']
     log = open(tmp / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -87,7 +88,7 @@ def test_submit_game_job(ray_head: dict[str, str], tmp_path: Path, cache_dir: Pa
     out = tmp_path / "run"
     client = JobSubmissionClient(ray_head["dashboard"])
     entry = (f"nlhf train --config configs/game-cpu.yaml output_dir={out} cache_dir={cache_dir} "
-             "iterations=30 win_rate_every=5")
+             "iterations=8 win_rate_every=4")
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO)})
 
     seen: dict[str, float] = {}
@@ -110,8 +111,8 @@ def test_submit_game_job(ray_head: dict[str, str], tmp_path: Path, cache_dir: Pa
     assert "started a local cluster" not in logs
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 30 and "game" in summary
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
+    assert summary["iterations"] == 8 and "game" in summary
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 8
 
     # metrics in the Ray dashboard's Prometheus export, with sensible values
     assert seen, "no nlhf metrics found in the node's Prometheus export"

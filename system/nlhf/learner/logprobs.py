@@ -48,8 +48,12 @@ def _check(rollouts: Sequence[Rollout], action_token_ids: Sequence[int] | None) 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The HF decoder stack and output embedding of ``model`` (unwrapping a DeepSpeed engine),
-    or None when logits are not simply ``head(last_hidden_state)`` (soft-capped or scaled logits)."""
+    or None when logits are not simply ``head(last_hidden_state)`` (soft-capped or scaled logits)
+    or the parameters are ZeRO-3 partitions (calling submodules outside the engine's forward gave
+    a different gradient for the tied head there)."""
     hf = getattr(model, "module", model)
+    if any(hasattr(p, "ds_id") for p in hf.parameters()):
+        return None  # ZeRO-3 partitions parameters (a tied head too): keep the engine's own forward
     config = getattr(hf, "config", None)
     if config is None or any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale")):
         return None
@@ -81,7 +85,7 @@ def _response_logprobs(split: tuple[torch.nn.Module, torch.nn.Module], input_ids
         if isinstance(head, torch.nn.Linear) and weight is not None and not hasattr(weight, "ds_id"):
             bias = None if head.bias is None else head.bias[actions]
             sub_logits = torch.nn.functional.linear(h, weight[actions], bias)  # (M, A): only the action rows
-        else:  # ZeRO-3 partitions the weight; let the module gather it
+        else:  # a head that is not a plain Linear: full logits, then the action columns
             sub_logits = head(h)[:, actions]
         sub = sub_logits.float().log_softmax(-1)  # (M, A)
         which = (tgt.unsqueeze(-1) == actions).float().argmax(-1)

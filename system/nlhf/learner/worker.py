@@ -458,12 +458,18 @@ class LearnerWorker:
         return out if mine else None
 
     def state_dict_bytes(self) -> bytes | None:
-        """:meth:`gathered_state_dict` serialised with ``safetensors.torch.save`` (rank 0; others None). Collective."""
+        """:meth:`gathered_state_dict` serialised with ``safetensors.torch.save`` (rank 0; others None). Collective.
+
+        Floating-point tensors are cast to the rollout engines' dtype (``cfg.policy.dtype``) first:
+        the engines would cast on load anyway, so this halves the bytes moved for a bf16 engine
+        fed by an fp32 learner without changing what the engine ends up holding."""
         sd = self.gathered_state_dict()
         if sd is None:
             return None
         from safetensors.torch import save
 
+        engine_dtype = getattr(torch, self.cfg.policy.dtype)
+        sd = {k: (v.to(engine_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
         return save(sd, metadata={"format": "pt"})
 
     def save_checkpoint(self, path: str) -> None:
