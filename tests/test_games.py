@@ -201,3 +201,14 @@ def test_span_seminorm():
     assert span_seminorm(p, q) == pytest.approx(f.max() - f.min())
     assert span_seminorm(3 * p, q) == pytest.approx(f.max() - f.min())  # normalisation-invariant
     assert span_seminorm(np.array([0.0, 0.5, 0.5]), q) == np.inf
+
+
+def test_make_game_names_the_generators() -> None:
+    from nlhf.algorithms.games import (GameError, bradley_terry_game_from_seed, cyclic_game, make_game,
+                                       random_game)
+
+    np.testing.assert_array_equal(make_game("random", 7, 3), random_game(7, 3))
+    np.testing.assert_array_equal(make_game("cyclic", 5), cyclic_game(5))
+    np.testing.assert_array_equal(make_game("bradley-terry", 6, 2), bradley_terry_game_from_seed(6, 2))
+    with pytest.raises(GameError, match="unknown game kind 'rps'"):
+        make_game("rps", 3)

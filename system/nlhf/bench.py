@@ -3,8 +3,8 @@
 Speed targets are checked here, with results written to JSON files, not by timed unit tests.
 
 - ``rollout``: vLLM generation throughput (output tokens/s) of the config's policy on its training prompts.
-- ``sync``: one weight sync learner -> engine on the object-store path: gather to safetensors
-  bytes, then reload in the engine (seconds, bytes, MB/s).
+- ``sync``: one weight sync learner -> engine on the object-store path: the fp32 weights cast to
+  the engine dtype and packed as safetensors bytes, then reloaded in the engine (seconds, bytes, MB/s).
 - ``judge``: preference queries per second of the config's judge on rollout pairs.
 - ``eval``: win rate of one policy against another on held-out prompts under the judge.
 """
@@ -91,12 +91,15 @@ def bench_sync(cfg: TrainConfig, repeats: int = 3) -> dict[str, Any]:
     _env_for_vllm(cfg)
     path = resolve_model(cfg.policy, cfg.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    engine_dtype = getattr(torch, cfg.policy.dtype)
     worker = RolloutWorker(path, cfg.rollout, pool="bench", seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
     pack_s, reload_s, nbytes = [], [], 0
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            payload = pack_state_dict(model.state_dict())
+            # what the learner sends: floating tensors in the engine's dtype
+            payload = pack_state_dict({k: (v.detach().to(engine_dtype) if v.is_floating_point() else v)
+                                       for k, v in model.named_parameters()})  # tied weights once
             pack_s.append(time.perf_counter() - t0)
             nbytes = len(payload)
             t0 = time.perf_counter()

@@ -7,7 +7,6 @@ calls are counted and timed. Only the driver imports it.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nlhf.batch import Rollout
 from nlhf.config import TrainConfig
 from nlhf.data.prompts import Prompt
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for torch.distributed / NCCL rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from nlhf.learner.group import free_port
 
 
 def _split(items: list[Any], parts: int) -> list[list[Any]]:

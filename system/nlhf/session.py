@@ -171,18 +171,9 @@ class Session:
             return None
         g = cfg.game
         assert g is not None
-        from nlhf.algorithms.games import cyclic_game, random_game, validate_preference_matrix
+        from nlhf.algorithms.games import make_game, validate_preference_matrix
 
-        if g.matrix:
-            P = validate_preference_matrix(np.load(g.matrix))
-        elif g.kind == "random":
-            P = random_game(g.n, g.seed)
-        elif g.kind == "cyclic":
-            P = cyclic_game(g.n)
-        else:
-            from nlhf.algorithms.games import bradley_terry_game
-
-            P = bradley_terry_game(np.random.default_rng(g.seed).normal(size=g.n))
+        P = validate_preference_matrix(np.load(g.matrix)) if g.matrix else make_game(g.kind, g.n, g.seed)
         ids, names = pick_action_tokens(self.tokenizer, P.shape[0])
         self.game = {"P": P, "action_token_ids": ids, "actions": names}
         # The game prompt is plain tokens (no chat template): a few tokens instead of ~35, which
@@ -259,8 +250,8 @@ class Session:
         return bool(every) and ((k + 1) % every == 0 or k + 1 == self.cfg.iterations)
 
     def win_probability(self, k: int, prompts: list[Prompt], ys: list[list[Rollout]]) -> float:
-        """P(pi_{k+1} > pi_k): one fresh response of pi_{k+1} per prompt against pi_k's first response.
-        Game mode: the exact value pi_{k+1}^T P pi_k from the learner's distributions is logged too."""
+        """P(pi_{k+1} > pi_k) under the judge: one fresh response of pi_{k+1} per prompt against
+        pi_k's first response to it, averaged over the iteration's prompts."""
         new = self.current.generate(prompts, n=1, seed=self.seed(k, 2))
         probs = self.judge.prefer([p.text for p in prompts], [g[0].response_text for g in new],
                                   [g[0].response_text for g in ys])

@@ -203,7 +203,25 @@ def softmax_reference(n: int, seed: int) -> np.ndarray:
     return e / e.sum()
 
 
+def make_game(kind: str, n: int, seed: int = 0, *, strength: float = 1.0, scale: float = 1.0) -> np.ndarray:
+    """The preference matrix of a named game kind, shape (n, n): ``random`` (:func:`random_game`),
+    ``cyclic`` (:func:`cyclic_game`, ``strength``; ``seed`` unused) or ``bradley-terry``
+    (:func:`bradley_terry_game_from_seed`, ``scale``). Used by ``nlhf game make`` and game-mode training.
+
+    Raises:
+        GameError: an unknown kind, or the generator's own errors (e.g. an even n for ``cyclic``).
+    """
+    if kind == "random":
+        return random_game(n, seed)
+    if kind == "cyclic":
+        return cyclic_game(n, strength)
+    if kind == "bradley-terry":
+        return bradley_terry_game_from_seed(n, seed, scale)
+    raise GameError(f"unknown game kind {kind!r}; choose random, cyclic or bradley-terry")
+
+
 __all__ = [
+    "make_game",
     "GameError",
     "bradley_terry_game",
     "bradley_terry_game_from_seed",

@@ -76,12 +76,7 @@ def make(
     """Write a preference matrix P (P_ij = P(y_i > y_j), P + P^T = 1) to a .npy file."""
     from nlhf.algorithms import games
 
-    if kind is GameKind.random:
-        P = games.random_game(n, seed)
-    elif kind is GameKind.cyclic:
-        P = games.cyclic_game(n, strength)
-    else:
-        P = games.bradley_terry_game_from_seed(n, seed, scale)
+    P = games.make_game(kind.value, n, seed, strength=strength, scale=scale)
     games.validate_preference_matrix(P)
     _save_npy(P, out)
     typer.echo(f"wrote {kind.value} game, n={P.shape[0]}, to {out}")

@@ -1,0 +1,37 @@
+"""`nlhf bench rollout|sync|judge` run as a user runs them and write their numbers to a file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_writes_results(tmp_path: Path, shared_data: Path, cache_dir: Path) -> None:
+    from nlhf.judge.pairwise import make_tiny_pairwise
+
+    judge = make_tiny_pairwise(tmp_path / "judge")
+    common = ["policy.source=tiny-random", "policy.dtype=float32", f"cache_dir={cache_dir}",
+              f"judge.path={judge}", "judge.train=null", "rollout.max_new_tokens=4"]
+    expect = {"rollout": "tokens_per_s", "sync": "total_s_median", "judge": "pairs_per_s"}
+    for what, key in expect.items():
+        out = tmp_path / f"{what}.json"
+        proc = subprocess.run([sys.executable, "-m", "nlhf.cli", "bench", what, "--config", "configs/smollm2-cpu.yaml",
+                               "--out", str(out), *common], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+        assert result["benchmark"] == what and result[key] > 0
+    assert json.loads((tmp_path / "sync.json").read_text())["bytes"] > 1_000_000
+
+
+def test_bench_unknown_is_one_line_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "nlhf.cli", "bench", "nope", "--out", "/tmp/x.json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: bench: unknown benchmark 'nope'; choose one of ['judge', 'rollout', 'sync']"
