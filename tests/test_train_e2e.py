@@ -34,13 +34,20 @@ def run_train(config: str, overrides: list[str], timeout: int) -> subprocess.Com
 def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cache_dir: Path) -> None:
     from nlhf.judge.pairwise import make_tiny_pairwise
 
-    judge_dir = make_tiny_pairwise(tmp_path / "judge", head="pairwise", seed=0)
+    # The judge folder is missing: the driver trains it first from the config's real training
+    # files (as README's first command does on a fresh machine), here from a tiny encoder.
+    encoder = make_tiny_pairwise(tmp_path / "tiny-encoder", head="pairwise", seed=0)
+    judge_dir = tmp_path / "judge"
     out = tmp_path / "run"
-    run_train("configs/smollm2-cpu.yaml", [
+    proc = run_train("configs/smollm2-cpu.yaml", [
         "policy.source=tiny-random", "policy.dtype=float32", f"output_dir={out}", f"cache_dir={cache_dir}",
-        f"judge.path={judge_dir}", "judge.train=null", "iterations=2", "save_every=1", "data.eval_num_prompts=4",
+        f"judge.path={judge_dir}", f"judge.train.encoder={encoder}", "judge.train.max_train_pairs=16",
+        "judge.train.max_val_pairs=8", "judge.train.max_length=64", "judge.train.freeze_layers=1", "judge.max_length=64",
+        "iterations=2", "save_every=1", "data.eval_num_prompts=4",
         "rollout.max_new_tokens=8", "cluster.dashboard=false", "learner.optimizer.lr=1e-3", "progress=plain",
     ], timeout=900)
+    assert "training it first" in proc.stdout + proc.stderr
+    assert (judge_dir / "model.safetensors").is_file()
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2]
