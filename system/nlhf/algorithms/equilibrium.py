@@ -110,6 +110,18 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
     return kl_log(lp, lq)
 
 
+def _policy_in_game(pi: np.ndarray, P: np.ndarray, pi_ref: np.ndarray,
+                    beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Validate a policy against a game: (log pi, P, log pi_ref, beta), or GameError."""
+    P = validate_preference_matrix(P)
+    ref = validate_reference(pi_ref, P.shape[0])
+    beta = validate_beta(beta)
+    lp = _log_probs(pi, "policy")
+    if lp.shape != ref.shape:
+        raise GameError(f"policy must have shape {ref.shape}, got {lp.shape}")
+    return lp, P, np.log(ref), beta
+
+
 def best_response(pi: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
     """Best response in the beta-regularised game: ``argmax_pi' P(pi' > pi) - beta KL(pi' || pi_ref)``.
 
@@ -127,13 +139,8 @@ def best_response(pi: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, beta: float
     Raises:
         GameError: malformed inputs.
     """
-    P = validate_preference_matrix(P)
-    ref = validate_reference(pi_ref, P.shape[0])
-    beta = validate_beta(beta)
-    lp = _log_probs(pi, "policy")
-    if lp.shape != ref.shape:
-        raise GameError(f"policy must have shape {ref.shape}, got {lp.shape}")
-    return np.exp(log_best_response(lp, P, np.log(ref), beta))
+    lp, P, log_ref, beta = _policy_in_game(pi, P, pi_ref, beta)
+    return np.exp(log_best_response(lp, P, log_ref, beta))
 
 
 def exploitability(pi: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, beta: float) -> float:
@@ -148,13 +155,8 @@ def exploitability(pi: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, beta: floa
     Raises:
         GameError: malformed inputs.
     """
-    P = validate_preference_matrix(P)
-    ref = validate_reference(pi_ref, P.shape[0])
-    beta = validate_beta(beta)
-    lp = _log_probs(pi, "policy")
-    if lp.shape != ref.shape:
-        raise GameError(f"policy must have shape {ref.shape}, got {lp.shape}")
-    return exploitability_log(lp, P, np.log(ref), beta)
+    lp, P, log_ref, beta = _policy_in_game(pi, P, pi_ref, beta)
+    return exploitability_log(lp, P, log_ref, beta)
 
 
 def span_seminorm(pi: np.ndarray, pi_star: np.ndarray) -> float:

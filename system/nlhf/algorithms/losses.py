@@ -207,6 +207,21 @@ def _pair_regression(h_theta: torch.Tensor, target: torch.Tensor) -> tuple[torch
 # --------------------------------------------------------------------------- Nash-MP estimators
 
 
+def _pg_metrics(loss: torch.Tensor, w: torch.Tensor, preference: torch.Tensor, log_ratio_ref: torch.Tensor,
+                log_ratio_anchor: torch.Tensor | None, clip_metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics shared by the policy-gradient losses (``kl_anchor`` only when there is an anchor)."""
+    out = {
+        "loss": float(loss.detach()),
+        "pg_weight_mean": float(w.mean()),
+        "pg_weight_std": float(w.std(unbiased=False)),
+        "preference_mean": float(preference.mean()),
+        "kl_ref": float(log_ratio_ref.mean()),
+    }
+    if log_ratio_anchor is not None:
+        out["kl_anchor"] = float(log_ratio_anchor.mean())
+    return {**out, **clip_metrics}
+
+
 def proximal_pg_loss(
     logp: torch.Tensor,
     logp_ref: torch.Tensor,
@@ -277,16 +292,7 @@ def proximal_pg_loss(
         log_ratio_anchor = logp.detach() - logp_anchor
         w = _pg_weight(preference, log_ratio_ref, log_ratio_anchor, beta, eta)
     loss, metrics = _clipped_pg(logp, logp_sampler, w, clip)
-    metrics = {
-        "loss": float(loss.detach()),
-        "pg_weight_mean": float(w.mean()),
-        "pg_weight_std": float(w.std(unbiased=False)),
-        "preference_mean": float(preference.mean()),
-        "kl_ref": float(log_ratio_ref.mean()),
-        "kl_anchor": float(log_ratio_anchor.mean()),
-        **metrics,
-    }
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, _pg_metrics(loss, w, preference, log_ratio_ref, log_ratio_anchor, metrics))
 
 
 def proximal_regression_loss(
@@ -538,15 +544,7 @@ def nash_md_pg_loss(
         log_ratio_ref = logp.detach() - logp_ref
         w = _pg_weight(preference, log_ratio_ref, None, beta, None)
     loss, metrics = _clipped_pg(logp, logp_sampler, w, clip)
-    metrics = {
-        "loss": float(loss.detach()),
-        "pg_weight_mean": float(w.mean()),
-        "pg_weight_std": float(w.std(unbiased=False)),
-        "preference_mean": float(preference.mean()),
-        "kl_ref": float(log_ratio_ref.mean()),
-        **metrics,
-    }
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, _pg_metrics(loss, w, preference, log_ratio_ref, None, metrics))
 
 
 def geometric_mixture_logits(logits: torch.Tensor, ref_logits: torch.Tensor, mixture: float) -> torch.Tensor:
