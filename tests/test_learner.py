@@ -293,12 +293,6 @@ def test_state_dict_bytes_and_checkpoint_roundtrip(tiny_model_dir, tok, tmp_path
 
 
 # ----------------------------------------------------------------------------- Ray group
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -232,12 +232,6 @@ def test_gloo_bucketed_sync_into_engine(setup, tiny_model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- through Ray
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_actor_syncs_from_object_ref(ray_cluster, setup, tiny_model_dir, cache_dir):

@@ -8,6 +8,7 @@ calls are counted and timed. Only the driver imports it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ class RolloutPool:
             actor_cls = ray.remote(RolloutWorker).options(**options)
             self.workers.append(
                 actor_cls.remote(model_path, r, pool=name, seed=cfg.seed + 1000 * i + (0 if name == "current" else 500),
-                                 dtype=cfg.policy.dtype, action_token_ids=action_token_ids, cache_dir=cfg.cache_dir)
+                                 dtype=cfg.policy.dtype, action_token_ids=action_token_ids, cache_dir=str(Path(cfg.cache_dir).resolve()))
             )
 
     def generate(self, prompts: list[Prompt], n: int, *, greedy: bool = False,

@@ -31,16 +31,11 @@ def opponent_pairs(groups: int, r: int, shift: int) -> list[int]:
     return [g * r + (i + shift) % r for g in range(groups) for i in range(r)]
 
 
-def actor_env(cfg: TrainConfig) -> dict[str, str]:
-    """Environment for every actor: vLLM in-process engine core on CPU, DeepSpeed's CPU
-    accelerator when no GPU is configured, and the driver's offline/cache settings."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cfg.rollout.cpu_kvcache_gb))))
-    env.setdefault("VLLM_CACHE_ROOT", str(Path(cfg.cache_dir).resolve() / "vllm"))
-    if cfg.learner.num_gpus == 0:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
+def actor_env() -> dict[str, str]:
+    """The driver's offline/cache settings, forwarded to every actor. Role-specific variables
+    are set where they matter: the rollout worker sets vLLM's (in-process engine core and KV
+    cache size on CPU), the learner group sets ``DS_ACCELERATOR=cpu`` on CPU."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def connect_ray(cfg: TrainConfig) -> str:
@@ -116,7 +111,6 @@ class Session:
         self.close()
 
     def _start(self) -> None:
-        import ray
         from transformers import AutoTokenizer
 
         from nlhf.learner.group import LearnerGroup
@@ -139,7 +133,7 @@ class Session:
 
         self.judge_app = f"{cfg.run_name}-judge"
         self.judge = JudgeClient(self._start_judge())
-        env = actor_env(cfg)
+        env = actor_env()
         self.pg = make_placement_group(cfg)
         self.learners = LearnerGroup(cfg, self.policy_path, self.reference_path, action_token_ids=action_ids,
                                      placement_group=self.pg, env=env)
@@ -153,7 +147,6 @@ class Session:
         if self.game is not None:
             self._setup_game_reference()
         self.note(f"actors up in {time.time() - self.t_start:.1f}s; policy {self.policy_path}")
-        _ = ray  # imported for its side effect of being initialised above
 
     def _setup_prompts(self) -> list[int] | None:
         """Training prompts (language mode) or the single game prompt and action tokens (game mode)."""
