@@ -45,7 +45,7 @@ def make_rollouts(tok, n: int = 8) -> list[Rollout]:
     words = ["yes", "no", "maybe so", "the cat sat", "blue", "red green", "a b c d", "ok"]
     out = []
     for i in range(n):
-        prompt = tok.encode(f"Question {i // 2}: say something" + "!" * (i % 3))
+        prompt = tok.encode(f"Question {i // 2}: say something" + "!" * (i // 2 % 3))
         resp = tok.encode(" " + words[i % len(words)])[:4]
         out.append(Rollout(f"q{i // 2}", prompt, resp, words[i % len(words)], 0.0))
     return out
@@ -306,7 +306,7 @@ def test_two_learner_group_zero3(ray_cluster, tiny_model_dir, tok):
     with learner(make_cfg(), tiny_model_dir) as w:
         b_half = batch_for(w, rollouts, PREF)
         ref_half = w.half_step(b_half)
-        b_full = StepBatch(copy.deepcopy(rollouts), PREF[::-1], b_half.pair_index)
+        b_full = StepBatch(copy.deepcopy(rollouts), PREF[::-1], b_half.partner)
         ref_full = w.full_step(b_full)
         ref_sd = w.gathered_state_dict()
 

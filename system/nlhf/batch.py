@@ -19,9 +19,15 @@ class Rollout:
         prompt_token_ids: the chat-templated prompt as token ids (what the learner scores).
         response_token_ids: the generated tokens, EOS included when the engine stopped on it.
         response_text: the decoded response (special tokens skipped).
-        sampler_logprob: log pi_sampler(y | x) in nats, the sum of the engine's per-token
-            log-probabilities at sampling time (used for importance weights).
+        sampler_logprob: log pi_engine(y | x) in nats, the sum of the engine's per-token
+            log-probabilities at sampling time. This is the *engine's* view of the behaviour
+            policy (another precision and other kernels than the learner's): the learner forms
+            importance ratios against its own log pi_k and uses this only to measure the
+            engine-learner gap (and for the optional truncated correction of that gap).
         finished: True when generation stopped on EOS/stop rather than on max_tokens.
+        sampler_token_logprobs: the engine's log-probability of each response token, nats,
+            ``len == len(response_token_ids)`` (empty when the producer did not record them).
+        seed: the sampling seed this response was drawn with (None: unseeded / greedy).
     """
 
     prompt: str
@@ -30,34 +36,44 @@ class Rollout:
     response_text: str
     sampler_logprob: float
     finished: bool = True
+    sampler_token_logprobs: list[float] = field(default_factory=list)
+    seed: int | None = None
 
 
 @dataclass
 class StepBatch:
-    """The input of one proximal step (half-step or full step) of Nash-MP.
+    """The input of one learner update (a Nash-MP half or full step, or a baseline's step).
 
-    ``rollouts[i]`` is y_i ~ pi_k; ``preference[i]`` is P(y_i > y'_i | x_i) for an opponent
-    sample y'_i (from pi_k for the half-step, from pi_{k+1/2} for the full step);
-    ``pair_index[i]`` is the index of another response to the same prompt (used by the
-    regression estimator, which regresses log-ratios of pairs (y_i, y_{pair_index[i]})).
+    ``rollouts[i]`` is a response y_i drawn from the policy at the point where the update's
+    gradient is evaluated (pi_k for Nash-MP's both steps; pi_{k+1/2} for EGPO's second step).
+    ``preference[i]`` is P(y_i > o_i | x_i) for y_i's judged **opponent** o_i (which pool the
+    opponent comes from is the algorithm's business; see :mod:`nlhf.algorithms.pairing`).
+    ``partner[i]`` is, for the pair-regression losses (Nash-MP's regression estimator, online
+    IPO, EGPO), the index j != i of y_i's **pair partner** in ``rollouts`` (same prompt): the
+    loss regresses log-ratios of (y_i, y_j). Empty for the policy-gradient losses.
 
     Raises:
-        ValueError: if the three lists differ in length or a preference is outside [0, 1].
+        ValueError: the lists differ in length, a preference is outside [0, 1], or a partner
+            index is outside the batch, equal to its own index, or on another prompt.
     """
 
     rollouts: list[Rollout]
     preference: list[float]
-    pair_index: list[int] = field(default_factory=list)
+    partner: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.rollouts)
         if len(self.preference) != n:
             raise ValueError(f"StepBatch.preference has {len(self.preference)} entries for {n} rollouts")
-        if self.pair_index and len(self.pair_index) != n:
-            raise ValueError(f"StepBatch.pair_index has {len(self.pair_index)} entries for {n} rollouts")
+        if self.partner and len(self.partner) != n:
+            raise ValueError(f"StepBatch.partner has {len(self.partner)} entries for {n} rollouts")
         for i, p in enumerate(self.preference):
             if not (0.0 <= p <= 1.0):
                 raise ValueError(f"StepBatch.preference[{i}] = {p!r} is outside [0, 1]")
-        for i, j in enumerate(self.pair_index):
+        for i, j in enumerate(self.partner):
             if not (0 <= j < n):
-                raise ValueError(f"StepBatch.pair_index[{i}] = {j} is outside [0, {n})")
+                raise ValueError(f"StepBatch.partner[{i}] = {j} is outside [0, {n})")
+            if j == i:
+                raise ValueError(f"StepBatch.partner[{i}] = {i}: a response cannot be its own pair partner")
+            if self.rollouts[j].prompt_token_ids != self.rollouts[i].prompt_token_ids:
+                raise ValueError(f"StepBatch.partner[{i}] = {j} answers another prompt")

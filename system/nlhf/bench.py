@@ -74,7 +74,7 @@ def bench_rollout(cfg: TrainConfig, num_prompts: int = 32) -> dict[str, Any]:
     finally:
         worker.shutdown()
     tokens = sum(len(g[0].response_token_ids) for g in out)
-    return {"benchmark": "rollout", "model": path, "dtype": cfg.policy.dtype, "prompts": len(prompts),
+    return {"benchmark": "rollout", "model": path, "dtype": worker.dtype, "prompts": len(prompts),
             "max_new_tokens": cfg.rollout.max_new_tokens, "output_tokens": tokens, "seconds": dt,
             "tokens_per_s": tokens / dt, "engine_start_s": start_s, "peak_rss_mb": _peak_rss_mb(), **_machine()}
 
@@ -91,8 +91,8 @@ def bench_sync(cfg: TrainConfig, repeats: int = 3) -> dict[str, Any]:
     _env_for_vllm(cfg)
     path = resolve_model(cfg.policy, cfg.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    engine_dtype = getattr(torch, cfg.policy.dtype)
     worker = RolloutWorker(path, cfg.rollout, pool="bench", seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
+    engine_dtype = getattr(torch, worker.dtype)
     pack_s, reload_s, nbytes = [], [], 0
     try:
         for _ in range(repeats):

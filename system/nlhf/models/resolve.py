@@ -30,8 +30,9 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | Path) -> str:
         return str(smollm2_folder(cache_dir, dtype="bfloat16"))
     if cfg.source == TINY_RANDOM:
         tok = resolve_tokenizer(cfg.tokenizer, cache_dir)
-        out = Path(cache_dir) / "models" / tiny_folder_name(cfg.tiny, cfg.dtype)
-        return str(make_tiny_llama(out, tok, cfg.tiny, dtype=cfg.dtype))
+        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # saved weights; engines cast to their dtype
+        out = Path(cache_dir) / "models" / tiny_folder_name(cfg.tiny, dtype)
+        return str(make_tiny_llama(out, tok, cfg.tiny, dtype=dtype))
     if is_local_path(cfg.source):
         path = Path(cfg.source).expanduser()
         if not path.exists():

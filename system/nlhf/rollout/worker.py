@@ -61,6 +61,9 @@ class RolloutWorker:
             if not action_token_ids or len(set(action_token_ids)) != len(action_token_ids):
                 raise ValueError(f"action_token_ids must be non-empty and distinct, got {action_token_ids!r}")
             action_token_ids = [int(t) for t in action_token_ids]
+        from nlhf.hardware import resolve_dtype
+
+        dtype = resolve_dtype(dtype, gpu=_on_gpu(cfg))
         self.model_path, self.cfg, self.pool, self.seed, self.dtype = str(model_path), cfg, pool, seed, dtype
         self.action_token_ids = action_token_ids
         gpu = _on_gpu(cfg)

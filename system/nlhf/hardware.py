@@ -1,0 +1,80 @@
+"""What the hardware does fast: native bf16 or not, and the CPU capability quoted next to figures.
+
+On CPUs without native bf16 (AVX2-only machines) a torch bf16 matmul was measured 46x slower
+than fp32 (../shared/docs/platform-notes.md), so ``dtype: auto`` means bf16 only where the
+hardware has it natively: CUDA compute capability >= 8.0, or a CPU with AVX512_BF16 or AMX.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+def cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()`` (e.g. ``AVX512``, ``AVX2``), for benchmark records."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX tiles)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
+
+
+def cuda_has_native_bf16(device: int = 0) -> bool:
+    """True when CUDA device ``device`` has compute capability >= 8.0 (Ampere or newer)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_dtype(dtype: str, *, gpu: bool) -> Dtype:
+    """The concrete dtype for a config's ``dtype`` (``auto``, ``float32`` or ``bfloat16``).
+
+    ``auto`` gives ``bfloat16`` where the device has native bf16 (``gpu``: the CUDA device;
+    otherwise the CPU), ``float32`` elsewhere. Explicit values are returned unchanged.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if dtype in ("float32", "bfloat16"):
+        return dtype  # type: ignore[return-value]
+    if dtype != "auto":
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    native = cuda_has_native_bf16() if gpu else cpu_has_native_bf16()
+    return "bfloat16" if native else "float32"
+
+
+def describe() -> dict[str, object]:
+    """Machine facts recorded next to every figure: CPU capability, native bf16, CUDA devices."""
+    import os
+    import platform
+
+    import torch
+
+    info: dict[str, object] = {
+        "cpu_capability": cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
