@@ -58,7 +58,7 @@ def test_generate_n_samples_with_transformers_logprobs(worker, peaked):
     _, tok, model = peaked
     ids = [chat_ids(tok, p) for p in PROMPTS]
     worker.stats()
-    out = worker.generate(PROMPTS, ids, 3, seed=11)
+    out = worker.generate(PROMPTS, ids, seeds_for(len(PROMPTS), 3, base=11))
     assert len(out) == len(PROMPTS) and all(len(s) == 3 for s in out)
     n_tokens = 0
     for prompt, pids, samples in zip(PROMPTS, ids, out):
@@ -71,24 +71,35 @@ def test_generate_n_samples_with_transformers_logprobs(worker, peaked):
             assert r.finished == ended_on_eos
             assert r.sampler_logprob < 0
             assert abs(r.sampler_logprob - hf_logprob(model, pids, r.response_token_ids)) < 1e-3
+            assert len(r.sampler_token_logprobs) == len(r.response_token_ids)
+            assert math.isclose(sum(r.sampler_token_logprobs), r.sampler_logprob, abs_tol=1e-6)
             n_tokens += len(r.response_token_ids)
     st = worker.stats()
     assert st["tokens"] == n_tokens and st["seconds"] > 0 and st["tokens_per_s"] > 0
     assert worker.stats()["tokens"] == 0  # counters reset
 
 
-def test_seed_makes_sampling_reproducible(worker, peaked):
+def seeds_for(prompts: int, n: int, base: int) -> list[list[int]]:
+    return [[base + 100 * i + j for j in range(n)] for i in range(prompts)]
+
+
+def test_each_sample_is_determined_by_its_own_seed(worker, peaked):
     _, tok, _ = peaked
     ids = [chat_ids(tok, p) for p in PROMPTS]
 
-    def draw(**kw):
-        return [[(r.response_token_ids, r.sampler_logprob) for r in s] for s in worker.generate(PROMPTS, ids, 2, **kw)]
+    def draw(seeds, prompts=PROMPTS, pids=ids, **kw):
+        return [[(r.response_token_ids, r.sampler_logprob, r.seed) for r in s]
+                for s in worker.generate(prompts, pids, seeds, **kw)]
 
-    a, b, c = draw(seed=5), draw(seed=5), draw(seed=6)
+    a, b, c = draw([[5, 6], [7, 8]]), draw([[5, 6], [7, 8]]), draw([[9, 10], [11, 12]])
     assert a == b
     assert a != c
-    assert draw() != draw()  # unseeded calls advance the worker's seed stream
-    greedy = draw(greedy=True, max_new_tokens=3)
+    assert [[x[2] for x in row] for row in a] == [[5, 6], [7, 8]]
+    # the same seed gives the same response whatever else is in the batch and wherever it sits
+    alone = draw([[8]], prompts=PROMPTS[1:], pids=ids[1:])
+    shuffled = draw([[99, 8, 3]], prompts=PROMPTS[1:], pids=ids[1:])
+    assert alone[0][0] == a[1][1] == shuffled[0][1]
+    greedy = draw([[1, 2], [3, 4]], greedy=True, max_new_tokens=3)
     assert all(len(s[0][0]) <= 3 and s[0][0] == s[1][0] for s in greedy)
 
 
@@ -96,14 +107,16 @@ def test_bad_input_raises(worker, peaked):
     _, tok, _ = peaked
     ids = [chat_ids(tok, p) for p in PROMPTS]
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        worker.generate(PROMPTS, ids[:1], 2)
-    with pytest.raises(ValueError, match="n must be"):
-        worker.generate(PROMPTS, ids, 0)
+        worker.generate(PROMPTS, ids[:1], [[1], [2]])
+    with pytest.raises(ValueError, match="seed lists"):
+        worker.generate(PROMPTS, ids, [[1]])
+    with pytest.raises(ValueError, match=r"seeds\[1\] is empty"):
+        worker.generate(PROMPTS, ids, [[1], []])
     with pytest.raises(ValueError, match="empty"):
-        worker.generate(["x"], [[]], 1)
+        worker.generate(["x"], [[]], [[1]])
     with pytest.raises(ValueError, match="max_model_len"):
-        worker.generate(["x"], [[1] * 128], 1)
-    assert worker.generate([], [], 2) == []
+        worker.generate(["x"], [[1] * 128], [[1]])
+    assert worker.generate([], [], []) == []
 
 
 def test_game_mode_one_restricted_token_with_renormalised_logprob(peaked, cache_dir):
@@ -122,7 +135,7 @@ def test_game_mode_one_restricted_token_with_renormalised_logprob(peaked, cache_
     game = RolloutWorker(str(path), RolloutConfig(max_new_tokens=NEW_TOKENS, max_model_len=128), pool="current",
                          action_token_ids=actions, cache_dir=str(cache_dir))
     try:
-        [samples] = game.generate(["Choose one letter."], [pids], 64, seed=1)
+        [samples] = game.generate(["Choose one letter."], [pids], seeds_for(1, 64, base=1))
         assert len(samples) == 64
         seen = set()
         for r in samples:
@@ -136,7 +149,7 @@ def test_game_mode_one_restricted_token_with_renormalised_logprob(peaked, cache_
         # empirical frequencies follow the restricted distribution (loose: 64 draws)
         freq = torch.bincount(torch.tensor([actions.index(r.response_token_ids[0]) for r in samples]), minlength=5) / 64
         assert float((freq - restricted.exp()).abs().max()) < 0.25
-        [[g]] = game.generate(["Choose one letter."], [pids], 1, greedy=True, max_new_tokens=5)
+        [[g]] = game.generate(["Choose one letter."], [pids], [[0]], greedy=True, max_new_tokens=5)
         assert g.response_token_ids == [actions[int(restricted.argmax())]]
         assert math.isclose(g.sampler_logprob, float(restricted.max()), abs_tol=1e-4)
     finally:

@@ -190,7 +190,7 @@ def setup(tiny_model_dir, cache_dir):
 
 
 def _greedy_ids(worker, ids) -> list[list[int]]:
-    return [r[0].response_token_ids for r in worker.generate(PROMPTS, ids, 1, greedy=True)]
+    return [r[0].response_token_ids for r in worker.generate(PROMPTS, ids, [[0]] * len(PROMPTS), greedy=True)]
 
 
 def test_object_store_sync_makes_engine_match_learner(setup, tiny_model_dir):

@@ -86,6 +86,7 @@ class DataConfig(Strict):
     max_prompt_tokens: int = Field(256, gt=0)
     system_prompt: str | None = None
     eval_num_prompts: int = Field(80, gt=0)
+    eval_samples_per_prompt: int = Field(2, ge=1)  # held-out win rate: responses per prompt and side
 
 
 class GameConfig(Strict):
@@ -269,6 +270,24 @@ class ClusterConfig(Strict):
     dashboard_host: str = "127.0.0.1"
 
 
+class FaultToleranceConfig(Strict):
+    """What the run survives (issue: reliability).
+
+    ``rollout_restarts``: Ray restarts of a dead rollout worker (``max_restarts``); after one the
+    driver re-pushes the pool's current weights and retries the interrupted generate (seeded,
+    so the retry draws the same responses). ``judge_timeout_s`` / ``judge_retries``: each judge
+    request is retried on a timeout or a failed replica (Serve restarts replicas); a preference
+    is counted once, when it arrives. ``learner_restarts``: restart a dead learner group from
+    the last complete checkpoint (0: stop with the resume command). ``actor_timeout_s``: the
+    longest wait for one actor call before it counts as failed."""
+
+    rollout_restarts: int = Field(3, ge=0)
+    judge_timeout_s: float = Field(600.0, gt=0)
+    judge_retries: int = Field(3, ge=0)
+    learner_restarts: int = Field(0, ge=0)
+    actor_timeout_s: float = Field(3600.0, gt=0)
+
+
 # ----------------------------------------------------------------------------- root
 class TrainConfig(Strict):
     """Root of ``nlhf train --config X.yaml``. Exactly one of ``data`` (language prompts) and
@@ -282,6 +301,8 @@ class TrainConfig(Strict):
     prompts_per_iteration: int = Field(8, ge=1)
     responses_per_prompt: int = Field(2, ge=2)
     save_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, ge=1)  # iter_* checkpoints kept (final/ is kept too)
+    resume: bool = False  # continue the run in output_dir from its newest complete checkpoint
     win_rate_every: int = Field(1, ge=0)  # 0: never compute per-iteration win probability
     progress: Literal["auto", "rich", "plain"] = "auto"
     policy: ModelConfig = ModelConfig()
@@ -294,6 +315,7 @@ class TrainConfig(Strict):
     learner: LearnerConfig = LearnerConfig()
     sync: SyncConfig = SyncConfig()
     cluster: ClusterConfig = ClusterConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
 
     @model_validator(mode="after")
     def _mode(self) -> "TrainConfig":
@@ -305,6 +327,9 @@ class TrainConfig(Strict):
             raise ValueError("judge.kind 'matrix' needs a `game` section")
         if self.sync.backend == "nccl" and (self.learner.num_gpus == 0 or self.rollout.num_gpus == 0):
             raise ValueError("sync.backend 'nccl' needs learner.num_gpus > 0 and rollout.num_gpus > 0")
+        if self.data is not None and self.data.max_prompt_tokens >= self.rollout.max_model_len:
+            raise ValueError(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) must be below "
+                             f"rollout.max_model_len ({self.rollout.max_model_len}), or no response fits")
         from nlhf.algorithms.pairing import check_responses_per_prompt
 
         a = self.algorithm
@@ -400,102 +425,11 @@ def load_model(cls: type[BaseModel], path: str | Path | None, overrides: list[st
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None, check: bool = True) -> TrainConfig:
-    """Load and validate a TrainConfig; with ``check`` also the paths and resources (see
-    :func:`check_paths` and :func:`check_resources`)."""
+    """Load and validate a TrainConfig; with ``check`` also everything that can be known before
+    any actor starts (paths, data, references, resources, security: see :mod:`nlhf.checks`)."""
     cfg = load_model(TrainConfig, path, overrides)
     if check:
-        check_paths(cfg)
-        check_resources(cfg)
+        from nlhf.checks import check_train_config
+
+        check_train_config(cfg)
     return cfg
-
-
-def _check_model_source(field: str, source: str) -> None:
-    if source in (PYPI_SMOLLM2, TINY_RANDOM) or source.startswith("pypi:"):
-        return
-    if is_local_path(source):
-        if not Path(source).expanduser().exists():
-            raise ConfigError(f"{field}: model path does not exist: {source}")
-    elif source.count("/") != 1:
-        raise ConfigError(f"{field}: {source!r} is neither an existing path, a hub id (org/name), nor a known source")
-
-
-def check_paths(cfg: TrainConfig) -> None:
-    """Every model and data path named by ``cfg`` exists (hub ids and pypi: sources excepted).
-
-    Raises:
-        ConfigError: naming the field and the missing path.
-    """
-    _check_model_source("policy.source", cfg.policy.source)
-    if cfg.reference is not None:
-        _check_model_source("reference.source", cfg.reference.source)
-    if cfg.data is not None:
-        from nlhf.data.prompts import EVALUATION_ONLY
-
-        for i, f in enumerate(cfg.data.train_prompts):
-            if not Path(f).is_file():
-                raise ConfigError(f"data.train_prompts[{i}]: file not found: {f}")
-            if any(tag in Path(f).name.lower() for tag in EVALUATION_ONLY):
-                raise ConfigError(f"data.train_prompts[{i}]: {f} is evaluation-only (see ../shared/data/README.md)")
-        if cfg.data.eval_prompts and not Path(cfg.data.eval_prompts).is_file():
-            raise ConfigError(f"data.eval_prompts: file not found: {cfg.data.eval_prompts}")
-    if cfg.game is not None and cfg.game.matrix and not Path(cfg.game.matrix).is_file():
-        raise ConfigError(f"game.matrix: file not found: {cfg.game.matrix}")
-    check_judge_paths(cfg.judge)
-
-
-def check_judge_paths(j: "JudgeConfig") -> None:
-    """The judge's model folder exists, or (pairwise) can be trained from existing files;
-    hub ids are accepted for ``bradley-terry`` and ``llm`` judges.
-
-    Raises:
-        ConfigError: naming the field and the missing path.
-    """
-    if j.kind == "matrix":
-        return
-    if j.path is None:
-        raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
-    if Path(j.path).exists() or (j.kind != "pairwise" and not is_local_path(j.path) and j.path.count("/") == 1):
-        return
-    if j.kind != "pairwise" or j.train is None:
-        raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
-    for i, f in enumerate(j.train.train_files):
-        if not Path(f).is_file():
-            raise ConfigError(f"judge.train.train_files[{i}]: file not found: {f}")
-
-
-def cluster_capacity(cfg: TrainConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) the run may use: the config's local-cluster size, else this machine's."""
-    cpus = cfg.cluster.num_cpus if cfg.cluster.num_cpus is not None else float(os.cpu_count() or 1)
-    gpus = cfg.cluster.num_gpus if cfg.cluster.num_gpus is not None else 0.0
-    return cpus, gpus
-
-
-def required_resources(cfg: TrainConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) the actors of ``cfg`` reserve: learners, two rollout pools, judge replicas."""
-    r, lrn, srv = cfg.rollout, cfg.learner, cfg.judge.serve
-    engines = 2 * r.num_workers
-    cpus = lrn.num_learners * lrn.num_cpus + engines * r.num_cpus + srv.replicas * srv.num_cpus
-    gpus = lrn.num_learners * lrn.num_gpus + engines * r.tensor_parallel_size * r.num_gpus + srv.replicas * srv.num_gpus
-    return cpus, gpus
-
-
-def check_resources(cfg: TrainConfig) -> None:
-    """The actors fit the cluster: the size stated in ``cluster.num_cpus``/``num_gpus``, else this
-    machine when nlhf starts the cluster itself (skipped when joining a cluster of unstated size).
-
-    Raises:
-        ConfigError: naming what is asked and what is there.
-    """
-    stated = cfg.cluster.num_cpus is not None or cfg.cluster.num_gpus is not None
-    if not stated and (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        return  # joining a cluster of unknown (possibly autoscaling) size
-    have_cpu, have_gpu = cluster_capacity(cfg)
-    need_cpu, need_gpu = required_resources(cfg)
-    if need_cpu > have_cpu + 1e-9:
-        raise ConfigError(
-            f"resources: actors need {need_cpu:g} CPUs (learner.num_learners*learner.num_cpus + "
-            f"2*rollout.num_workers*rollout.num_cpus + judge.serve.replicas*judge.serve.num_cpus) "
-            f"but cluster.num_cpus is {have_cpu:g}"
-        )
-    if need_gpu > have_gpu + 1e-9:
-        raise ConfigError(f"resources: actors need {need_gpu:g} GPUs but cluster.num_gpus is {have_gpu:g}")

@@ -1,26 +1,30 @@
 """Driver-side handles of the roles: rollout pools, the judge client and weight sync.
 
-The driver (``driver.py``) holds the Nash-MP iteration; this module holds the plumbing it
-needs to talk to the actors: which actor gets which prompts, how weights travel, how judge
-calls are counted and timed. Only the driver imports it.
+The driver (``driver.py``) holds the algorithm; this module holds the plumbing it needs to
+talk to the actors: which actor gets which prompts, how weights travel and are versioned, how
+judge calls are deduplicated, counted, timed and retried, and how a restarted rollout worker
+is brought back to the pool's weights. Only the driver side imports it.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from nlhf.algorithms.pairing import plan_queries
 from nlhf.batch import Rollout
 from nlhf.config import TrainConfig
 from nlhf.data.prompts import Prompt
-from nlhf.learner.group import free_port
+from nlhf.run_state import Counters
+
+Note = Callable[[str], None]
 
 
 def _split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -29,82 +33,224 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _actor_died(e: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError))
+
+
 class RolloutPool:
-    """``num_workers`` vLLM :class:`~nlhf.rollout.worker.RolloutWorker` actors holding one policy
-    (``current`` = pi_k or ``extrapolated`` = pi_{k+1/2}); prompts are split across workers."""
+    """``num_workers`` rollout actors holding one policy: ``current`` (pi_k) or ``extrapolated``
+    (pi_{k+1/2}; for Nash-MD-PG the geometric-mixture sampler). Prompts are split across workers.
+
+    Each worker is restarted by Ray when it dies (``fault_tolerance.rollout_restarts``). The pool
+    remembers the weight version it must hold and the ObjectRef of those weights: before a
+    worker's rollouts are used its version is checked, and a restarted worker (which comes back
+    with the initial weights, version 0) is re-pushed the pool's weights and its interrupted
+    generate retried. Sampling is seeded per response, so a retry draws the same responses.
+    """
 
     def __init__(self, name: str, cfg: TrainConfig, model_path: str, *, placement_group: PlacementGroup | None,
-                 first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str]) -> None:
-        from nlhf.rollout.worker import RolloutWorker
-
+                 first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str], counters: Counters,
+                 note: Note = print, reference_path: str | None = None) -> None:
         r = cfg.rollout
         self.name = name
+        self.counters = counters
+        self.note = note
+        self.max_restarts = cfg.fault_tolerance.rollout_restarts
+        self.timeout = cfg.fault_tolerance.actor_timeout_s
+        self.expected_version = 0
+        self._payload: Any = None  # ObjectRef of the weights of expected_version (None: initial weights)
+        mixture = name == "extrapolated" and cfg.algorithm.name == "nash-md-pg"
         self.workers = []
         for i in range(r.num_workers):
             options: dict[str, Any] = {
                 "num_cpus": r.num_cpus,
                 "num_gpus": r.num_gpus * r.tensor_parallel_size,
                 "runtime_env": {"env_vars": env},
-                "name": f"{cfg.run_name}-rollout-{name}-{i}",
+                "max_restarts": self.max_restarts,
+                "max_task_retries": 0,  # the pool re-syncs weights before retrying
             }
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=first_bundle + i
                 )
-            actor_cls = ray.remote(RolloutWorker).options(**options)
-            self.workers.append(
-                actor_cls.remote(model_path, r, pool=name, seed=cfg.seed + 1000 * i + (0 if name == "current" else 500),
-                                 dtype=cfg.policy.dtype, action_token_ids=action_token_ids, cache_dir=str(Path(cfg.cache_dir).resolve()))
-            )
+            kwargs = dict(pool=name, seed=cfg.seed + 1000 * i, dtype=cfg.policy.dtype, action_token_ids=action_token_ids,
+                          cache_dir=str(Path(cfg.cache_dir).resolve()))
+            if mixture:
+                from nlhf.rollout.mixture import MixtureWorker
 
-    def generate(self, prompts: list[Prompt], n: int, *, greedy: bool = False,
-                 max_new_tokens: int | None = None, seed: int | None = None) -> list[list[Rollout]]:
-        """``n`` responses per prompt, ``[prompt][sample]``, from all workers in parallel."""
-        chunks = _split(prompts, len(self.workers))
-        refs = [
-            w.generate.remote([p.text for p in chunk], [p.token_ids for p in chunk], n, greedy=greedy,
-                              max_new_tokens=max_new_tokens, seed=None if seed is None else seed + i)
-            for i, (w, chunk) in enumerate(zip(self.workers, chunks)) if chunk
-        ]
-        return [group for part in ray.get(refs) for group in part]
+                actor_cls = ray.remote(MixtureWorker).options(**options)
+                self.workers.append(actor_cls.remote(model_path, r, reference_path=reference_path,
+                                                     mixture=cfg.algorithm.mixture, **kwargs))
+            else:
+                from nlhf.rollout.worker import RolloutWorker
+
+                actor_cls = ray.remote(RolloutWorker).options(**options)
+                self.workers.append(actor_cls.remote(model_path, r, **kwargs))
+        infos = ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+        self.dtype = infos[0]["dtype"]
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: list[Prompt], seeds: list[list[int]], *, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[list[Rollout]]:
+        """``len(seeds[p])`` responses per prompt, ``[prompt][sample]``, from all workers in parallel.
+
+        Raises:
+            ValueError: ``len(seeds) != len(prompts)``.
+            RuntimeError: a worker stayed dead after ``rollout_restarts`` restarts.
+        """
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seed lists for {len(prompts)} prompts")
+        chunks = [c for c in zip(_split(prompts, len(self.workers)), _split(seeds, len(self.workers)))]
+
+        def call(i: int) -> Any:
+            ps, ss = chunks[i]
+            return self.workers[i].generate.remote([p.text for p in ps], [p.token_ids for p in ps], ss,
+                                                   greedy=greedy, max_new_tokens=max_new_tokens)
+
+        busy = [i for i, (ps, _) in enumerate(chunks) if ps]
+        for i in busy:
+            self._ensure_version(i)
+        refs = {i: call(i) for i in busy}
+        out: list[list[Rollout]] = []
+        for i in busy:
+            out.extend(self._get_with_recovery(i, refs[i], call))
+        return out
+
+    def _get_with_recovery(self, i: int, ref: Any, call: Callable[[int], Any]) -> Any:
+        """``ray.get(ref)``; if worker i died, wait for its restart, restore its weights, call again."""
+        for attempt in range(self.max_restarts + 1):
+            try:
+                return ray.get(ref, timeout=self.timeout)
+            except Exception as e:  # noqa: BLE001 - only actor deaths are recovered
+                if not _actor_died(e) or attempt == self.max_restarts:
+                    raise
+                self.counters.rollout_restarts += 1
+                self.note(f"rollout worker {self.name}-{i} died ({type(e).__name__}); "
+                          f"restart {attempt + 1}/{self.max_restarts}: re-syncing weights v{self.expected_version} and retrying")
+                self._ensure_version(i, wait_for_restart=True)
+                ref = call(i)
+        raise AssertionError("unreachable")
+
+    def _ensure_version(self, i: int, wait_for_restart: bool = False) -> None:
+        """Make worker i hold ``expected_version`` (re-pushing the pool's weights if it does not)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                version = ray.get(self.workers[i].weight_version.remote(), timeout=self.timeout)
+                break
+            except Exception as e:  # noqa: BLE001
+                if not (_actor_died(e) and wait_for_restart) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)  # the actor is restarting
+        if version == self.expected_version:
+            return
+        if self._payload is None:
+            raise RuntimeError(f"rollout worker {self.name}-{i} holds weight version {version}, the pool expects "
+                               f"{self.expected_version}, and no weights are kept to restore it")
+        self.note(f"rollout worker {self.name}-{i} holds weight version {version}, expected {self.expected_version}: re-pushing")
+        ray.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, payload_ref: Any, version: int) -> list[dict]:
+        """Push one weight payload (an ObjectRef of safetensors bytes) to every worker as ``version``;
+        a worker that dies on the way is restarted and pushed again."""
+        self._payload, self.expected_version = payload_ref, version
+
+        def call(i: int) -> Any:
+            return self.workers[i].update_weights.remote(payload_ref, version)
+
+        refs = {i: call(i) for i in range(len(self.workers))}
+        return [self._get_with_recovery(i, refs[i], call) for i in refs]
+
+    def versions(self) -> list[int]:
+        """The weight version each worker holds now."""
+        return ray.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
 
     def stats(self) -> dict[str, float]:
         """Generated tokens and tokens/s since the last call, summed over the pool's workers."""
-        parts = ray.get([w.stats.remote() for w in self.workers])
+        parts = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
         tokens = sum(p.get("tokens", 0) for p in parts)
         seconds = max((p.get("seconds", 0.0) for p in parts), default=0.0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
 
-    def shutdown(self) -> None:
-        """Shut each engine down (frees /dev/shm), then kill the actors."""
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
-        except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
-            pass
+    def shutdown(self, graceful: bool = True) -> None:
+        """Shut each engine down (frees /dev/shm), then kill the actors (no restart)."""
+        if graceful:
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
+                pass
         for w in self.workers:
-            ray.kill(w)
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 @dataclass
 class JudgeClient:
-    """Calls the judge service through its Serve handle, counting preference queries and time."""
+    """Calls the judge service through its Serve handle: deduplicates comparisons into queries,
+    counts them (training vs evaluation, in the run's :class:`Counters`), times and retries them.
+
+    A request that times out (``fault_tolerance.judge_timeout_s``) or fails because a replica
+    died is sent again (up to ``judge_retries`` times); Serve restarts replicas. The judge is
+    deterministic, and counts are taken once, from the answer that arrived, so nothing is lost
+    or double-counted.
+    """
 
     handle: Any
-    queries: int = 0
-    requests: int = 0
+    counters: Counters
+    timeout_s: float = 600.0
+    retries: int = 3
+    note: Note = print
     seconds: float = 0.0
     _window: list[float] = field(default_factory=list)
 
-    def prefer(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> np.ndarray:
-        """P(a > b | prompt) for each pair, shape (B,); one query per pair."""
-        t0 = time.perf_counter()
-        probs = np.asarray(self.handle.prefer.remote(prompts, responses_a, responses_b).result(), dtype=np.float64)
-        dt = time.perf_counter() - t0
-        self.queries += len(prompts)
-        self.requests += 1
-        self.seconds += dt
-        self._window.append(dt)
-        return probs
+    def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str], *,
+                training: bool) -> tuple[list[float], int]:
+        """P(a_t > b_t | prompt_t) for every comparison t; returns (probabilities, identical pairs).
+
+        A comparison and its reverse are judged once; identical responses get 1/2 without a
+        query. ``training`` decides which counter the distinct queries go to.
+        """
+        plan = plan_queries(prompts, responses_a, responses_b)
+        idx = plan.queries
+        answers = self._prefer([prompts[t] for t in idx], [responses_a[t] for t in idx], [responses_b[t] for t in idx])
+        if training:
+            self.counters.queries += len(idx)
+            self.counters.comparisons += len(prompts)
+            self.counters.identical += plan.num_identical
+        else:
+            self.counters.eval_queries += len(idx)
+        return plan.assemble(answers), plan.num_identical
+
+    def _prefer(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
+        if not prompts:
+            return []
+        from ray.serve.exceptions import RayServeException
+
+        for attempt in range(self.retries + 1):
+            t0 = time.perf_counter()
+            try:
+                probs = self.handle.prefer.remote(prompts, a, b).result(timeout_s=self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - judge faults (bad input) are not retried
+                from nlhf.judge.base import JudgeError
+
+                retryable = (_actor_died(e) or isinstance(e, (TimeoutError, RayServeException))
+                             or type(e).__name__ in ("GetTimeoutError", "RequestCancelledError", "BackPressureError"))
+                if isinstance(e, JudgeError) or not retryable or attempt == self.retries:
+                    raise
+                self.counters.judge_retries += 1
+                self.note(f"judge request failed ({type(e).__name__}: {str(e)[:120]}); retry {attempt + 1}/{self.retries}")
+                continue
+            dt = time.perf_counter() - t0
+            self.counters.judge_requests += 1
+            self.seconds += dt
+            self._window.append(dt)
+            return [float(p) for p in probs]
+        raise AssertionError("unreachable")
 
     def take_latency(self) -> float:
         """Mean latency (s) of the requests since the last call."""
@@ -113,50 +259,39 @@ class JudgeClient:
 
 
 class WeightSync:
-    """Learner -> rollout pool weight transport, chosen by ``cfg.sync.backend``.
+    """Learner -> rollout pool weight transport, chosen by ``cfg.sync.backend``, with versions.
 
     ``object_store``: learner rank 0 packs the gathered (ZeRO-3 aware) state dict into
-    safetensors bytes once; the ObjectRef goes to every worker of the pool, which reloads
-    its engine in place. ``nccl``: learner rank 0 broadcasts bucketed flat tensors to the
-    pool's workers over a NCCL group set up once per pool.
+    safetensors bytes in the pool's engine dtype once; the ObjectRef goes to every worker of the
+    pool, which reloads its engine in place. Every push carries the next weight version of that
+    pool (``RunState.weight_versions``); the pool checks it before its rollouts are used.
     """
 
-    def __init__(self, cfg: TrainConfig, learners: Any, pools: dict[str, RolloutPool]) -> None:
-        self.backend = cfg.sync.backend
-        self.bucket_mb = cfg.sync.bucket_mb
+    def __init__(self, cfg: TrainConfig, learners: Any, pools: dict[str, RolloutPool], counters: Counters,
+                 versions: dict[str, int]) -> None:
+        if cfg.sync.backend != "object_store":
+            raise NotImplementedError(f"sync.backend {cfg.sync.backend!r}: only 'object_store' is wired in this driver")
         self.learners = learners
         self.pools = pools
-        self.bytes = 0
-        self.seconds = 0.0
-        if self.backend == "nccl":
-            for name, pool in pools.items():
-                port = free_port()
-                world = 1 + len(pool.workers) * cfg.rollout.tensor_parallel_size
-                addr = ray.util.get_node_ip_address()
-                refs = [w.init_weight_group.remote(addr, port, 1 + i * cfg.rollout.tensor_parallel_size, world)
-                        for i, w in enumerate(pool.workers)]
-                learners.init_weight_sender(name, addr, port, world)
-                ray.get(refs)
+        self.counters = counters
+        self.versions = versions
 
     def push(self, pool_name: str) -> dict[str, float]:
-        """Send the learner's current weights to one pool; returns seconds and bytes."""
+        """Send the learner's current weights to one pool as its next version; returns seconds and bytes."""
         pool = self.pools[pool_name]
         t0 = time.perf_counter()
-        if self.backend == "object_store":
-            ref = self.learners.state_dict_ref()
-            results = ray.get([w.update_weights.remote(ref) for w in pool.workers])
-        else:
-            meta_ref, send_ref = self.learners.send_weights_nccl(pool_name, self.bucket_mb)
-            results = ray.get([w.receive_weights.remote(meta_ref) for w in pool.workers])
-            ray.get(send_ref)
+        ref = self.learners.state_dict_ref(pool.dtype)
+        version = self.versions[pool_name] + 1
+        results = pool.load_weights(ref, version)
+        self.versions[pool_name] = version
         dt = time.perf_counter() - t0
         nbytes = float(max((r.get("bytes", 0) for r in results), default=0))
-        self.bytes += nbytes
-        self.seconds += dt
+        self.counters.sync_bytes += nbytes
+        self.counters.sync_seconds += dt
         return {"seconds": dt, "bytes": nbytes}
 
 
-def make_placement_group(cfg: TrainConfig) -> PlacementGroup:
+def make_placement_group(cfg: TrainConfig, name: str) -> PlacementGroup:
     """One placement group for learners then both rollout pools (bundle order: learners,
     current workers, extrapolated workers), resources from config. PACK: colocate when possible."""
     from ray.util.placement_group import placement_group
@@ -165,6 +300,6 @@ def make_placement_group(cfg: TrainConfig) -> PlacementGroup:
     bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {})} for _ in range(lrn.num_learners)]
     gpu = r.num_gpus * r.tensor_parallel_size
     bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {})} for _ in range(2 * r.num_workers)]
-    pg = placement_group(bundles, strategy="PACK", name=f"{cfg.run_name}-pg")
+    pg = placement_group(bundles, strategy="PACK", name=name)
     ray.get(pg.ready(), timeout=600)
     return pg

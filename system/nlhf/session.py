@@ -1,14 +1,17 @@
-"""One training run's live state: the Ray cluster, the actors of every role, prompts, metrics.
+"""One training run's live objects: the Ray cluster, the actors of every role, prompts, logging.
 
-:class:`Session` is what ``driver.train`` iterates with. It starts (or joins) the cluster,
-resolves models, starts the judge service, the learner group and both rollout pools in one
-placement group, and owns logging, checkpoints, evaluation and the final summary.
+:class:`Session` is what ``driver.train`` iterates with. It prepares and locks the run folder,
+starts (or joins) the cluster, resolves models, starts the judge service, the learner group and
+both rollout pools in one placement group, and owns logging, checkpoints, evaluation and the
+summary. Everything a resume restores lives in ``session.state`` (:class:`nlhf.run_state.RunState`);
+the rest is live objects rebuilt at start-up.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,19 +19,17 @@ from typing import Any
 import numpy as np
 
 from nlhf.batch import Rollout
-from nlhf.config import TrainConfig
+from nlhf.checkpoints import TRAINER_DIR, Checkpoint, RunFolderLock, clean_partial, latest_checkpoint, prune, write_checkpoint
+from nlhf.config import ConfigError, TrainConfig
 from nlhf.data.prompts import Prompt, PromptSampler
+from nlhf.run_state import RunState
+from nlhf.seeding import Phase, sample_seeds
 
 # Environment forwarded from the driver to every actor when set here.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "VLLM_CACHE_ROOT",
-                 "TORCH_EXTENSIONS_DIR", "NLHF_CACHE")
-
-
-def opponent_pairs(groups: int, r: int, shift: int) -> list[int]:
-    """For ``groups`` prompts with ``r`` responses each (flattened prompt-major), the index of the
-    response ``shift`` places further within the same prompt (wrapping). ``shift=1`` pairs each
-    response with another response to the same prompt."""
-    return [g * r + (i + shift) % r for g in range(groups) for i in range(r)]
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+                 "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "NLHF_CACHE")
+# What a run folder may hold and still count as empty (a fresh run may start there).
+_IGNORED_IN_EMPTY = {".nlhf.lock"}
 
 
 def actor_env() -> dict[str, str]:
@@ -53,12 +54,12 @@ def connect_ray(cfg: TrainConfig) -> str:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from nlhf.config import cluster_capacity
+    from nlhf.checks import cluster_capacity
 
     cpus, gpus = cluster_capacity(cfg)
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.cluster.dashboard,
              dashboard_host=cfg.cluster.dashboard_host, _node_ip_address="127.0.0.1", log_to_driver=True)
-    url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+    url = getattr(ray.get_runtime_context(), "dashboard_url", None)
     return f"started a local cluster on 127.0.0.1 ({cpus:g} CPUs, {gpus:g} GPUs)" + (f", dashboard {url}" if url else "")
 
 
@@ -78,29 +79,75 @@ def pick_action_tokens(tokenizer: Any, n: int) -> tuple[list[int], list[str]]:
     raise ValueError(f"game.n: at most {len(ids)} single-token actions are available, got {n}")
 
 
-class Session:
-    """The live run; use :meth:`start` as a context manager (actors are shut down on exit)."""
+def prepare_run_folder(cfg: TrainConfig, *, overwrite: bool) -> Checkpoint | None:
+    """Decide what ``output_dir`` is for: a fresh run (empty or new folder), a resume (returns the
+    newest complete checkpoint), or an overwrite (``overwrite``: the old contents are deleted).
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    Raises:
+        ConfigError: a non-empty folder without ``resume`` or ``--overwrite``; ``resume`` with no
+            complete checkpoint; ``output_dir`` a file.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {cfg.output_dir} is a file, not a folder")
+    contents = [p for p in out.iterdir() if p.name not in _IGNORED_IN_EMPTY] if out.is_dir() else []
+    if cfg.resume:
+        clean_partial(out / "checkpoints")
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise ConfigError(f"resume: {cfg.output_dir} holds no complete checkpoint to resume from "
+                              "(set save_every to checkpoint during a run)")
+        return ckpt
+    if contents and not overwrite:
+        raise ConfigError(f"output_dir: {cfg.output_dir} is not empty (a previous run?); resume it with --resume, "
+                          "or pass --overwrite to replace it, or choose another output_dir")
+    if contents:
+        for p in contents:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
+class Session:
+    """The live run; use :meth:`start` as a context manager (actors are shut down on exit).
+
+    Attributes:
+        state: the resumable :class:`RunState` (iteration, prompt sampler, counters, history, ...).
+        current, extrapolated: the two :class:`nlhf.pipeline.RolloutPool`.
+        learners: the :class:`nlhf.learner.group.LearnerGroup`.
+        judge: the :class:`nlhf.pipeline.JudgeClient`.
+        sync: the :class:`nlhf.pipeline.WeightSync`.
+        game: game mode only: ``P``, action ids/names, ``pi_ref``, ``pi_star``.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume_command: str = "") -> None:
         self.cfg = cfg
-        self.t_start = time.time()
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.actors_started: list[Any] = []
+        self.resume_command = resume_command or "nlhf train --config <config> --resume"
+        self.t_start = time.time()
+        self.state = RunState()
+        self.resumed_from: Checkpoint | None = None
+        self.last_checkpoint: Checkpoint | None = None
         self.game: dict[str, Any] | None = None
         self.eval_prompts: list[Prompt] = []
-        self.eval_initial: list[list[Rollout]] = []
-        self.last_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
+        self.lock = RunFolderLock(self.out)
+        self.progress: Any = None
+        self.logger: Any = None
+        self.learners: Any = None
+        self.current: Any = None
+        self.extrapolated: Any = None
+        self.judge: Any = None
+        self.sync: Any = None
+        self.judge_app: str | None = None
 
     # ------------------------------------------------------------------ start-up
     @classmethod
-    def start(cls, cfg: TrainConfig) -> "Session":
-        s = cls(cfg)
+    def start(cls, cfg: TrainConfig, *, overwrite: bool = False, resume_command: str = "") -> "Session":
+        """Prepare the run folder, start every actor (and restore a checkpoint when resuming)."""
+        s = cls(cfg, resume_command=resume_command)
         try:
-            s._start()
+            s._start(overwrite)
         except BaseException:
-            s.close()
+            s.close(graceful=False)
             raise
         return s
 
@@ -108,45 +155,103 @@ class Session:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        self.close(graceful=exc[0] is None)
 
-    def _start(self) -> None:
+    def _start(self, overwrite: bool) -> None:
         from transformers import AutoTokenizer
 
-        from nlhf.learner.group import LearnerGroup
         from nlhf.models import resolve_model
         from nlhf.pipeline import JudgeClient, RolloutPool, WeightSync, make_placement_group
         from nlhf.telemetry.metrics import RunLogger
         from nlhf.telemetry.progress import Progress
 
         cfg = self.cfg
-        (self.out / "config.yaml").write_text(_dump_yaml(cfg.model_dump(mode="json")))
+        self.resumed_from = prepare_run_folder(cfg, overwrite=overwrite)
+        self.lock.acquire()
+        if self.resumed_from is not None:
+            self.state = RunState.load(self.resumed_from.path)
+            self.last_checkpoint = self.resumed_from
+        (self.out / "config.yaml").write_text(_dump_yaml(redacted(cfg.model_dump(mode="json"))))
         self.progress = Progress(cfg.iterations, mode=cfg.progress)
         self.progress.phase("start-up")
         self.cluster = connect_ray(cfg)
         self.note(self.cluster)
+        if self.resumed_from is not None:
+            self.note(f"resuming from {self.resumed_from.path} (iteration {self.state.iteration})")
 
         self.policy_path = _abs(resolve_model(cfg.policy, cfg.cache_dir))
         self.reference_path = self.policy_path if cfg.reference is None else _abs(resolve_model(cfg.reference, cfg.cache_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         action_ids = self._setup_prompts()
 
-        self.judge_app = f"{cfg.run_name}-judge"
-        self.judge = JudgeClient(self._start_judge())
-        env = actor_env()
-        self.pg = make_placement_group(cfg)
-        self.learners = LearnerGroup(cfg, self.policy_path, self.reference_path, action_token_ids=action_ids,
-                                     placement_group=self.pg, env=env)
+        self.judge_app = f"{cfg.run_name}-{self.state.run_id}-judge"
+        ft = cfg.fault_tolerance
+        self.judge = JudgeClient(self._start_judge(), self.state.counters, timeout_s=ft.judge_timeout_s,
+                                 retries=ft.judge_retries, note=self.note)
+        self.env = actor_env()
+        self.action_ids = action_ids
+        self.pg = make_placement_group(cfg, f"{cfg.run_name}-{self.state.run_id}-pg")
+        self._start_learners()
         first = cfg.learner.num_learners
-        self.current = RolloutPool("current", cfg, self.policy_path, placement_group=self.pg, first_bundle=first,
-                                   action_token_ids=action_ids, env=env)
-        self.extrapolated = RolloutPool("extrapolated", cfg, self.policy_path, placement_group=self.pg,
-                                        first_bundle=first + cfg.rollout.num_workers, action_token_ids=action_ids, env=env)
-        self.sync = WeightSync(cfg, self.learners, {"current": self.current, "extrapolated": self.extrapolated})
+        pools = {}
+        for i, name in enumerate(("current", "extrapolated")):
+            pools[name] = RolloutPool(name, cfg, self.policy_path, placement_group=self.pg,
+                                      first_bundle=first + i * cfg.rollout.num_workers, action_token_ids=action_ids,
+                                      env=self.env, counters=self.state.counters, note=self.note,
+                                      reference_path=self.reference_path)
+        self.current, self.extrapolated = pools["current"], pools["extrapolated"]
+        self.note(f"rollout engines in {self.current.dtype} (policy.dtype {cfg.policy.dtype}, "
+                  f"CPU capability {_cpu_capability()})")
+        self.sync = WeightSync(cfg, self.learners, pools, self.state.counters, self.state.weight_versions)
+        if self.resumed_from is not None:
+            self.restore_pool_weights()
         self.logger = RunLogger(str(self.out), cfg.run_name)
+        self.logger.rewind(self.state.iteration)  # a resumed run logs each iteration once
         if self.game is not None:
             self._setup_game_reference()
         self.note(f"actors up in {time.time() - self.t_start:.1f}s; policy {self.policy_path}")
+
+    def _start_learners(self) -> None:
+        """The learner group from theta_0, or from the resume checkpoint (weights + trainer state)."""
+        from nlhf.learner.group import LearnerGroup
+
+        ckpt = self.last_checkpoint
+        policy = str(ckpt.path) if ckpt is not None else self.policy_path
+        self.learners = LearnerGroup(self.cfg, policy, self.reference_path, action_token_ids=self.action_ids,
+                                     placement_group=self.pg, env=self.env)
+        if ckpt is not None:
+            self.learners.load_trainer_state(str(ckpt.path / TRAINER_DIR))
+
+    def recover_learners(self) -> None:
+        """After a learner death: a new learner group from the last complete checkpoint, the run
+        state rewound to it (prompts, counters, history, metrics.jsonl), both pools re-pushed."""
+        assert self.last_checkpoint is not None
+        self.learners.shutdown(graceful=False)
+        restarts = self.state.counters.learner_restarts
+        self.adopt_state(RunState.load(self.last_checkpoint.path))
+        self.state.counters.learner_restarts = restarts
+        self.prompts.load_state_dict(self.state.sampler)
+        self.logger.rewind(self.state.iteration)
+        self._start_learners()
+        self.sync.learners = self.learners
+        self.restore_pool_weights()
+
+    def adopt_state(self, state: RunState) -> None:
+        """Make ``state`` the run's state, everywhere it is referenced (counters, weight versions)."""
+        self.state = state
+        self.judge.counters = state.counters
+        self.sync.counters, self.sync.versions = state.counters, state.weight_versions
+        for name, pool in (("current", self.current), ("extrapolated", self.extrapolated)):
+            pool.counters = state.counters
+            pool.expected_version = state.weight_versions[name]
+
+    def restore_pool_weights(self) -> None:
+        """Push the learner's weights to both pools under the versions the run state records
+        (after a resume or a learner restart)."""
+        for name, pool in (("current", self.current), ("extrapolated", self.extrapolated)):
+            version = self.state.weight_versions[name]
+            if version > 0:
+                pool.load_weights(self.learners.state_dict_ref(pool.dtype), version)
 
     def _setup_prompts(self) -> list[int] | None:
         """Training prompts (language mode) or the single game prompt and action tokens (game mode)."""
@@ -161,17 +266,19 @@ class Session:
                 texts = load_prompt_texts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts]
                 self.eval_prompts = render_prompts(texts, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
             self.note(f"{len(prompts)} training prompts, {len(self.eval_prompts)} held-out prompts")
-            return None
-        g = cfg.game
-        assert g is not None
-        from nlhf.algorithms.games import make_game, validate_preference_matrix
+            ids = None
+        else:
+            g = cfg.game
+            assert g is not None
+            from nlhf.algorithms.games import make_game, validate_preference_matrix
 
-        P = validate_preference_matrix(np.load(g.matrix)) if g.matrix else make_game(g.kind, g.n, g.seed)
-        ids, names = pick_action_tokens(self.tokenizer, P.shape[0])
-        self.game = {"P": P, "action_token_ids": ids, "actions": names}
-        # The game prompt is plain tokens (no chat template): a few tokens instead of ~35, which
-        # makes every learner pass over the ~1000 one-token samples an iteration needs cheap.
-        self.prompts = PromptSampler([Prompt(g.prompt, self.tokenizer.encode(g.prompt))], seed=cfg.seed)
+            P = validate_preference_matrix(np.load(g.matrix)) if g.matrix else make_game(g.kind, g.n, g.seed)
+            ids, names = pick_action_tokens(self.tokenizer, P.shape[0])
+            self.game = {"P": P, "action_token_ids": ids, "actions": names}
+            # The game prompt is plain tokens (no chat template): a few tokens instead of ~35.
+            self.prompts = PromptSampler([Prompt(g.prompt, self.tokenizer.encode(g.prompt))], seed=cfg.seed)
+        if self.state.sampler:
+            self.prompts.load_state_dict(self.state.sampler)
         return ids
 
     def _start_judge(self) -> Any:
@@ -186,14 +293,14 @@ class Session:
                 self.progress.phase("judge training")
                 self.note(f"judge folder {j.path} missing: training it first (nlhf judge train)")
                 train_judge(j)
-            j.path = str(Path(j.path).resolve())
+            if Path(j.path).exists():
+                j.path = str(Path(j.path).resolve())
         if self.game is not None:
-            return start_judge_service(j, name=self.judge_app, matrix=self.game["P"],
-                                       actions=self.game["actions"])
+            return start_judge_service(j, name=self.judge_app, matrix=self.game["P"], actions=self.game["actions"])
         return start_judge_service(j, name=self.judge_app)
 
     def _setup_game_reference(self) -> None:
-        """Exact game quantities: pi_ref = the initial policy restricted to the action tokens, pi*."""
+        """Exact game quantities: pi_ref = the reference restricted to the action tokens, pi*."""
         from nlhf.algorithms.equilibrium import solve_nash
 
         assert self.game is not None
@@ -202,7 +309,7 @@ class Session:
         self.game["pi_star"] = solve_nash(self.game["P"], pi_ref, self.cfg.algorithm.beta)
 
     def action_distribution(self, which: str) -> np.ndarray:
-        """Game mode: the learner's policy/reference/anchor probabilities over the actions, shape (n,)."""
+        """Game mode: the learner's policy/reference probabilities over the actions, shape (n,)."""
         assert self.game is not None
         prompt = self.prompts.prompts[0]
         rollouts = [Rollout(prompt.text, prompt.token_ids, [t], a, 0.0) for t, a in
@@ -212,164 +319,58 @@ class Session:
         return p / p.sum()
 
     # ------------------------------------------------------------------ per-iteration helpers
-    def seed(self, k: int, phase: int) -> int:
-        """Per-iteration, per-phase sampling seed (reproducible runs)."""
-        return self.cfg.seed * 1_000_003 + 10 * k + phase
+    def seeds(self, iteration: int, phase: Phase, prompts: int, samples: int) -> list[list[int]]:
+        """Per-response sampling seeds (:func:`nlhf.seeding.sample_seeds`), recorded in the run state."""
+        seeds = sample_seeds(self.cfg.seed, phase, iteration, prompts, samples)
+        self.state.record_seeds(phase.name, seeds)
+        return seeds
+
+    def next_prompts(self) -> list[Prompt]:
+        """The iteration's training prompts (the sampler's position is part of the run state)."""
+        batch = self.prompts.next(self.cfg.prompts_per_iteration)
+        return batch
 
     def note(self, text: str) -> None:
         """A log line that never fights the live progress display."""
-        self.progress.note(text) if hasattr(self, "progress") else print(text, flush=True)
+        self.progress.note(text) if self.progress is not None else print(text, flush=True)
 
-    @staticmethod
-    def flatten(groups: list[list[Rollout]]) -> tuple[list[Rollout], list[int]]:
-        """Prompt-major flat list of responses and, for each, the index of another response to the same prompt."""
-        r = len(groups[0])
-        return [y for g in groups for y in g], opponent_pairs(len(groups), r, 1)
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, name: str) -> Checkpoint:
+        """Atomic checkpoint ``output_dir/checkpoints/name`` (HF folder + trainer state + run state),
+        then prune ``iter_*`` beyond ``keep_last``."""
+        self.state.sampler = self.prompts.state_dict()
+        root = self.out / "checkpoints"
 
-    def judge_pairs(self, prompts: list[Prompt], ys: list[list[Rollout]], opp: list[list[Rollout]],
-                    shift: int) -> list[float]:
-        """P(ys[p][i] > opp[p][(i + shift) % R] | prompt p), flattened prompt-major."""
-        a, b, x = [], [], []
-        for p, ya, yb in zip(prompts, ys, opp):
-            r = len(ya)
-            for i in range(r):
-                x.append(p.text)
-                a.append(ya[i].response_text)
-                b.append(yb[(i + shift) % len(yb)].response_text)
-        return [float(v) for v in self.judge.prefer(x, a, b)]
+        def fill(tmp: Path) -> None:
+            self.learners.save_checkpoint(str(tmp.resolve()))
+            self.learners.save_trainer_state(str((tmp / TRAINER_DIR).resolve()))
+            self.state.save(tmp)
 
-    def should_measure_win(self, k: int) -> bool:
-        every = self.cfg.win_rate_every
-        return bool(every) and ((k + 1) % every == 0 or k + 1 == self.cfg.iterations)
+        ckpt = write_checkpoint(root, name, self.state.iteration, fill)
+        prune(root, self.cfg.keep_last)
+        self.last_checkpoint = ckpt
+        return ckpt
 
-    def win_probability(self, k: int, prompts: list[Prompt], ys: list[list[Rollout]]) -> float:
-        """P(pi_{k+1} > pi_k) under the judge: one fresh response of pi_{k+1} per prompt against
-        pi_k's first response to it, averaged over the iteration's prompts."""
-        new = self.current.generate(prompts, n=1, seed=self.seed(k, 2))
-        probs = self.judge.prefer([p.text for p in prompts], [g[0].response_text for g in new],
-                                  [g[0].response_text for g in ys])
-        return float(np.mean(probs))
+    def resume_hint(self) -> str:
+        """Where the run can continue from, and how."""
+        last = self.last_checkpoint
+        where = f"last complete checkpoint: {last.path} (iteration {last.iteration})" if last else "no checkpoint yet"
+        cmd = f"resume with: {self.resume_command}" if last else "set save_every to make resumable checkpoints"
+        return f"{where}; {cmd}"
 
-    def log(self, k: int, half: dict[str, float], full: dict[str, float], win: float | None,
-            ys: list[list[Rollout]], times: dict[str, float]) -> None:
-        """One metrics.jsonl line (and TensorBoard, Ray metrics, progress) for iteration k."""
-        cur, ext = self.current.stats(), self.extrapolated.stats()
-        lengths = [len(y.response_token_ids) for g in ys for y in g]
-        m: dict[str, float] = {
-            "charts/queries": float(self.judge.queries),
-            "charts/kl_ref": float(full.get("kl_ref", half.get("kl_ref", float("nan")))),
-            "charts/kl_anchor": float(full.get("kl_anchor", float("nan"))),
-            "charts/response_len": float(np.mean(lengths)),
-            "losses/half_step": float(half.get("loss", float("nan"))),
-            "losses/full_step": float(full.get("loss", float("nan"))),
-            "perf/tokens_per_s_current": cur["tokens_per_s"],
-            "perf/tokens_per_s_extrapolated": ext["tokens_per_s"],
-            "sync/bytes": float(self.sync.bytes),
-            "sync/seconds": float(self.sync.seconds),
-            "judge/requests": float(self.judge.requests),
-            "judge/latency_s": self.judge.take_latency(),
-            "time/iteration": float(sum(times.values())),
-            **{f"time/{phase}": float(v) for phase, v in times.items()},
-        }
-        if win is not None:
-            m["charts/win_prob"] = win
-        if self.game is not None:
-            from nlhf.algorithms.equilibrium import kl
-
-            pi = self.action_distribution("policy")
-            m["game/kl_to_nash"] = float(kl(self.game["pi_star"], pi))
-            self.game["last_policy"] = pi
-        self.logger.log(k + 1, m)
-        self.progress.update(k + 1, m)
-        self.last_metrics = m
-        self.history.append(m)
-
-    def save_checkpoint(self, name: str) -> str:
-        """HF-format checkpoint (config.json, safetensors, tokenizer) under output_dir/checkpoints/name."""
-        path = str((self.out / "checkpoints" / name).resolve())
-        self.learners.save_checkpoint(path)
-        return path
-
-    # ------------------------------------------------------------------ evaluation and summary
-    def evaluate_initial_policy(self) -> None:
-        """Language mode: responses of the initial policy on the held-out prompts, kept for the final win rate."""
-        if self.eval_prompts:
-            self.progress.phase("eval (initial policy)")
-            self.eval_initial = self.current.generate(self.eval_prompts, n=1, seed=self.seed(-1, 3))
-
-    def final_win_rate(self) -> dict[str, float] | None:
-        """Win rate of the final policy against the initial one on held-out prompts under the judge,
-        with a 95% normal-approximation confidence interval over prompts."""
-        if not self.eval_initial:
-            return None
-        self.progress.phase("eval (final policy)")
-        final = self.current.generate(self.eval_prompts, n=1, seed=self.seed(-1, 3))
-        probs = self.judge.prefer([p.text for p in self.eval_prompts], [g[0].response_text for g in final],
-                                  [g[0].response_text for g in self.eval_initial])
-        n = len(probs)
-        mean = float(np.mean(probs))
-        se = float(np.std(probs, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-        return {"win_rate": mean, "ci95_low": mean - 1.96 * se, "ci95_high": mean + 1.96 * se, "num_prompts": n,
-                "final_mean_len": float(np.mean([len(g[0].response_token_ids) for g in final])),
-                "initial_mean_len": float(np.mean([len(g[0].response_token_ids) for g in self.eval_initial]))}
-
-    def finish(self) -> dict[str, Any]:
-        """Final checkpoint, evaluation and ``summary.json``."""
-        ckpt = self.save_checkpoint("final")
-        summary: dict[str, Any] = {
-            "run_name": self.cfg.run_name,
-            "iterations": self.cfg.iterations,
-            "algorithm": self.cfg.algorithm.model_dump(),
-            "policy": self.policy_path,
-            "cluster": self.cluster,
-            "checkpoint": ckpt,
-            "preference_queries": self.judge.queries,
-            "final_metrics": self.last_metrics,
-        }
-        hist = self.history
-        for key in ("rollout", "judge", "learn", "sync"):
-            summary[f"mean_seconds_{key}"] = float(np.mean([h.get(f"time/{key}", 0.0) for h in hist])) if hist else 0.0
-        for pool in ("current", "extrapolated"):
-            vals = [h[f"perf/tokens_per_s_{pool}"] for h in hist if h.get(f"perf/tokens_per_s_{pool}")]
-            summary[f"mean_tokens_per_s_{pool}"] = float(np.mean(vals)) if vals else 0.0
-        wins = [h["charts/win_prob"] for h in hist if "charts/win_prob" in h]
-        summary["mean_win_prob_vs_previous"] = float(np.mean(wins)) if wins else None
-        summary["win_rate_vs_initial"] = self.final_win_rate()
-        if self.game is not None:
-            from nlhf.algorithms.equilibrium import exploitability, kl
-
-            P, ref, star = self.game["P"], self.game["pi_ref"], self.game["pi_star"]
-            final = self.action_distribution("policy")
-            summary["game"] = {
-                "actions": self.game["actions"],
-                "initial_distribution": ref.tolist(),
-                "final_distribution": final.tolist(),
-                "nash": star.tolist(),
-                "kl_to_nash_initial": float(kl(star, ref)),
-                "kl_to_nash": float(kl(star, final)),
-                "exploitability": float(exploitability(final, P, ref, self.cfg.algorithm.beta)),
-                "win_rate_vs_initial_exact": float(final @ P @ ref),
-            }
-        summary["wall_seconds"] = time.time() - self.t_start
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.progress.phase("done")
-        return summary
-
-    def close(self) -> None:
-        """Shut every actor down (engines first, so /dev/shm is freed), then the judge and Ray
-        (only a cluster this run started)."""
-        for name in ("current", "extrapolated"):
-            pool = getattr(self, name, None)
+    # ------------------------------------------------------------------ teardown
+    def close(self, graceful: bool = True) -> None:
+        """Shut every actor down (engines first, so /dev/shm is freed), then the judge app (only
+        ours: a shared cluster may serve others) and Ray (only a cluster this run started)."""
+        for pool in (self.current, self.extrapolated):
             if pool is not None:
-                pool.shutdown()
-        learners = getattr(self, "learners", None)
-        if learners is not None:
+                pool.shutdown(graceful=graceful)
+        if self.learners is not None:
             try:
-                learners.shutdown()
+                self.learners.shutdown(graceful=graceful)
             except Exception:  # noqa: BLE001 - best effort during teardown
                 pass
-        for attr in ("logger", "progress"):
-            obj = getattr(self, attr, None)
+        for obj in (self.logger, self.progress):
             if obj is not None:
                 obj.close()
         try:
@@ -377,11 +378,29 @@ class Session:
             from ray import serve
 
             if ray.is_initialized():
-                if getattr(self, "judge", None) is not None:
-                    serve.delete(self.judge_app)  # only our app: a shared cluster may serve others
+                if self.judge is not None and self.judge_app:
+                    serve.delete(self.judge_app, _blocking=graceful)
                 ray.shutdown()  # disconnects; stops the cluster only if this process started it
         except Exception:  # noqa: BLE001
             pass
+        self.lock.release()
+
+
+def redacted(tree: Any) -> Any:
+    """``tree`` with every secret (keys named ``token``, ``password`` or ``secret``) replaced by
+    ``"***"``: what is written to ``config.yaml`` and logs."""
+    if isinstance(tree, dict):
+        return {k: ("***" if isinstance(k, str) and k.lower() in ("token", "password", "secret") and v else redacted(v))
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redacted(v) for v in tree]
+    return tree
+
+
+def _cpu_capability() -> str:
+    from nlhf.hardware import cpu_capability
+
+    return cpu_capability()
 
 
 def _abs(path: str) -> str:

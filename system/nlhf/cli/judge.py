@@ -21,9 +21,14 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
     """Train the pairwise preference model on human labels; writes the folder at judge.path."""
+    from nlhf.checks import check_judge_training, check_output_dir
     from nlhf.judge.train import train_judge
 
     cfg: JudgeConfig = load_model(JudgeConfig, config, overrides)
+    if cfg.path is None:
+        raise ValueError("judge.path: required (the folder the trained judge is written to)")
+    check_output_dir(cfg.path, "judge.path")
+    check_judge_training(cfg)
     report = train_judge(cfg)
     print(json.dumps(report, indent=2))
 

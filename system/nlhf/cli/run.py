@@ -19,15 +19,35 @@ def train(
     config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", help="Training config (YAML)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. iterations=3"),
     check: bool = typer.Option(False, "--check", help="Validate the config (paths, resources) and exit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its newest complete checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous run in output_dir and start afresh."),
 ) -> None:
     """Run Nash Mirror Prox on a Ray cluster (joins RAY_ADDRESS / the job's cluster, else starts one on 127.0.0.1)."""
-    cfg = load_train_config(config, overrides or [])
+    import shlex
+    import sys
+
+    overrides = list(overrides or [])
+    if resume:
+        overrides.append("resume=true")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: choose one")
+    cfg = load_train_config(config, overrides)
     if check:
         print(f"config ok: {config}")
         return
+    from nlhf.driver import Interrupted
     from nlhf.driver import train as run_training
+    from nlhf.reporting import LearnerDied
 
-    summary = run_training(cfg)
+    again = [a for a in overrides if a != "resume=true"]
+    resume_command = shlex.join(["nlhf", "train", "--config", str(config), *again, "--resume"])
+    try:
+        summary = run_training(cfg, overwrite=overwrite, resume_command=resume_command)
+    except Interrupted:
+        raise typer.Exit(code=130) from None
+    except LearnerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(code=3) from None
     keep = {k: v for k, v in summary.items() if k not in ("final_metrics", "algorithm")}
     print(json.dumps(keep, indent=2))
     print(f"run written to {cfg.output_dir} (metrics.jsonl, summary.json, checkpoints/final)")
@@ -55,10 +75,13 @@ def bench(
     """Benchmark one part (one process, no Ray) and write the numbers to --out."""
     from nlhf import bench as benches
 
+    from nlhf.checks import check_bench_inputs
+
     runners = {"rollout": benches.bench_rollout, "sync": benches.bench_sync, "judge": benches.bench_judge}
     if what not in runners:
         raise ValueError(f"bench: unknown benchmark {what!r}; choose one of {sorted(runners)}")
     cfg = load_train_config(config, overrides or [], check=False)
+    check_bench_inputs(cfg, str(out))
     result = runners[what](cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -78,10 +101,13 @@ def evaluate(
     from nlhf.bench import evaluate_win_rate
     from nlhf.models import resolve_model
 
+    from nlhf.checks import check_eval_inputs
+
     cfg = load_train_config(config, overrides or [], check=False)
     for name, p in (("--policy", policy), ("--baseline", baseline)):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"{name}: {p} is not an HF model folder (no config.json)")
+    check_eval_inputs(cfg, None if out is None else str(out))
     base = str(baseline) if baseline is not None else resolve_model(cfg.policy, cfg.cache_dir)
     report = evaluate_win_rate(cfg, str(policy), base, num_prompts)
     text = json.dumps(report, indent=2)

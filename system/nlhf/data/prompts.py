@@ -81,7 +81,13 @@ def render_prompts(texts: list[str], tokenizer: Any, max_prompt_tokens: int,
 class PromptSampler:
     """Endless seeded sampling of prompts without replacement within an epoch.
 
-    ``next(k)`` returns ``k`` prompts; each epoch is a fresh permutation.
+    ``next(k)`` returns ``k`` prompts; each epoch is a fresh permutation. The position and the
+    generator's state round-trip through :meth:`state_dict` / :meth:`load_state_dict` (JSON), so
+    a resumed run continues with exactly the prompts an uninterrupted one would see, across
+    epoch wraps too.
+
+    Raises:
+        ValueError: ``prompts`` is empty.
     """
 
     def __init__(self, prompts: list[Prompt], seed: int = 0) -> None:
@@ -90,14 +96,34 @@ class PromptSampler:
         self.prompts = prompts
         self.rng = np.random.default_rng(seed)
         self._order: list[int] = []
+        self.drawn = 0
 
     def next(self, k: int) -> list[Prompt]:
         batch = []
         while len(batch) < k:
             if not self._order:
-                self._order = list(self.rng.permutation(len(self.prompts)))
+                self._order = [int(i) for i in self.rng.permutation(len(self.prompts))]
             batch.append(self.prompts[self._order.pop()])
+        self.drawn += k
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: the generator state, the rest of the epoch, prompts drawn."""
+        return {"rng": self.rng.bit_generator.state, "order": list(self._order), "drawn": self.drawn,
+                "num_prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output.
+
+        Raises:
+            ValueError: the state was saved for a prompt set of another size.
+        """
+        if int(state["num_prompts"]) != len(self.prompts):
+            raise ValueError(f"prompt sampler state is for {state['num_prompts']} prompts, this run has "
+                             f"{len(self.prompts)} (the prompt files or data.max_prompt_tokens changed)")
+        self.rng.bit_generator.state = state["rng"]
+        self._order = [int(i) for i in state["order"]]
+        self.drawn = int(state["drawn"])
 
 
 def load_training_prompts(files: list[str], tokenizer: Any, max_prompt_tokens: int,

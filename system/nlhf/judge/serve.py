@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from nlhf.checks import check_http_security, is_loopback, resolve_token  # noqa: F401  (HTTP security, re-exported)
 from nlhf.config import ConfigError, HttpConfig, JudgeConfig
 from nlhf.judge.base import JudgeError, check_request
 
@@ -48,40 +49,6 @@ STATS_NAMESPACE = "nlhf-judge"
 
 
 # ----------------------------------------------------------------------------- HTTP security
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (the only hosts served without a token)."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-def resolve_token(http: HttpConfig) -> str | None:
-    """The bearer token: ``http.token``, else the environment variable ``http.token_env``; None if neither is set
-    (an empty string counts as unset)."""
-    token = http.token or os.environ.get(http.token_env, "")
-    token = token.strip()
-    return token or None
-
-
-def check_http_security(http: HttpConfig) -> str | None:
-    """Return the token to require (None: open, loopback only).
-
-    Raises:
-        ConfigError: ``http.host`` is not loopback and no token is configured.
-    """
-    token = resolve_token(http)
-    if token is None and not is_loopback(http.host):
-        raise ConfigError(
-            f"judge.serve.http.host: {http.host!r} is not a loopback address, so a bearer token is required: "
-            f"set judge.serve.http.token or the environment variable {http.token_env}"
-        )
-    return token
-
-
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

@@ -39,7 +39,7 @@ class RolloutWorker:
             ``max_model_len``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
             ``cpu_kvcache_gb``).
         pool: a label for logs and stats (``"current"`` / ``"extrapolated"``).
-        seed: engine seed; also the base of per-call sampling seeds when ``generate`` gets none.
+        seed: engine seed (each request carries its own sampling seed, see ``generate``).
         dtype: ``"float32"`` or ``"bfloat16"`` engine dtype.
         action_token_ids: game mode: every response is exactly one token from these ids.
         cache_dir: vLLM's cache root goes to ``<cache_dir>/vllm``.
@@ -97,95 +97,98 @@ class RolloutWorker:
         self._closed = False
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[str], prompt_token_ids: list[list[int]], n: int, *, greedy: bool = False,
-                 max_new_tokens: int | None = None, seed: int | None = None) -> list[list[Rollout]]:
-        """Sample ``n`` responses for each prompt.
+    def generate(self, prompts: list[str], prompt_token_ids: list[list[int]], seeds: list[list[int]], *,
+                 greedy: bool = False, max_new_tokens: int | None = None) -> list[list[Rollout]]:
+        """Sample ``len(seeds[i])`` responses for each prompt ``i``, sample ``j`` with seed ``seeds[i][j]``.
+
+        Every sample is its own engine request with its own seed (``n=1``), so its randomness
+        comes from that seed alone, whatever else is in the batch (see :mod:`nlhf.seeding`).
 
         Args:
             prompts: plain-text user prompts (copied into each :class:`Rollout` for the judge).
             prompt_token_ids: the chat-templated prompts as token ids (what the engine reads),
                 one list per prompt.
-            n: samples per prompt (>= 1).
-            greedy: temperature 0; the argmax response is decoded once and returned ``n`` times
-                (as independent copies).
+            seeds: per prompt, one seed per sample (>= 1 sample each).
+            greedy: temperature 0; the argmax response is decoded once per prompt and returned
+                ``len(seeds[i])`` times (as independent copies, ``seed`` None).
             max_new_tokens: overrides ``cfg.max_new_tokens`` (ignored in game mode: always 1);
                 clipped so prompt + response fits ``cfg.max_model_len``.
-            seed: sampling seed; prompt ``i`` sample ``j`` uses ``seed + i*n + j``. Default:
-                derived from the worker seed and a call counter, so a run is reproducible.
 
         Returns:
-            ``out[i][j]``: the ``j``-th sample for prompt ``i`` (``len(prompts)`` x ``n``).
-            ``sampler_logprob`` is the sum of the sampled tokens' log-probs in nats;
-            ``finished`` is True when the engine stopped on EOS/stop (always True in game
-            mode, where the single action token is the whole response).
+            ``out[i][j]``: sample ``j`` for prompt ``i``. ``sampler_logprob`` is the sum of the
+            sampled tokens' engine log-probs in nats and ``sampler_token_logprobs`` the
+            per-token values; ``finished`` is True when the engine stopped on EOS/stop (always
+            True in game mode, where the single action token is the whole response).
 
         Raises:
-            ValueError: mismatched ``prompts``/``prompt_token_ids``, an empty prompt, ``n < 1``,
-                ``max_new_tokens < 1``, or a prompt that leaves no room in ``max_model_len``.
+            ValueError: mismatched ``prompts``/``prompt_token_ids``/``seeds``, an empty prompt, a
+                prompt without samples, ``max_new_tokens < 1``, or a prompt that leaves no room
+                in ``max_model_len``.
             RuntimeError: the worker was shut down.
         """
         from vllm import SamplingParams
 
         if self._closed:
             raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
-        if len(prompts) != len(prompt_token_ids):
-            raise ValueError(f"{len(prompts)} prompts but {len(prompt_token_ids)} prompt_token_ids lists")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        if len(prompts) != len(prompt_token_ids) or len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts, {len(prompt_token_ids)} prompt_token_ids lists and "
+                             f"{len(seeds)} seed lists: one of each per prompt")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts:
             return []
         budget = 1 if self.action_token_ids is not None else (max_new_tokens or self.cfg.max_new_tokens)
-        if seed is None:
-            seed = (self.seed * 1_000_003 + self._calls * 7_919) % (2**31 - 1)
         self._calls += 1
-        params, inputs = [], []
+        params, inputs, owner = [], [], []
         for i, ids in enumerate(prompt_token_ids):
             ids = [int(t) for t in ids]
             if not ids:
                 raise ValueError(f"prompt_token_ids[{i}] is empty")
+            if not seeds[i]:
+                raise ValueError(f"seeds[{i}] is empty: each prompt needs at least one sample")
             room = self.cfg.max_model_len - len(ids)
             if room < 1:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
-            params.append(SamplingParams(
-                n=1 if greedy else n,  # vLLM refuses n > 1 with greedy; copies are made below
-                temperature=0.0 if greedy else self.cfg.temperature,
-                top_p=1.0 if greedy else self.cfg.top_p,
-                max_tokens=min(budget, room),
-                logprobs=0,  # the sampled token's log-prob only
-                seed=(seed + i * n) % (2**62),
-                allowed_token_ids=self.action_token_ids,
-                skip_special_tokens=True,
-            ))
-            inputs.append({"prompt_token_ids": ids})
+            for seed in (seeds[i][:1] if greedy else seeds[i]):
+                params.append(SamplingParams(
+                    n=1,
+                    temperature=0.0 if greedy else self.cfg.temperature,
+                    top_p=1.0 if greedy else self.cfg.top_p,
+                    max_tokens=min(budget, room),
+                    logprobs=0,  # the sampled token's log-prob only
+                    seed=None if greedy else int(seed) % (2**62),
+                    allowed_token_ids=self.action_token_ids,
+                    skip_special_tokens=True,
+                ))
+                inputs.append({"prompt_token_ids": ids})
+                owner.append(i)
         t0 = time.perf_counter()
         outputs = []
-        for lo, hi in self._waves([(len(x["prompt_token_ids"]), p.n) for x, p in zip(inputs, params)]):
+        for lo, hi in self._waves([(len(x["prompt_token_ids"]), 1) for x in inputs]):
             outputs.extend(self.llm.generate(inputs[lo:hi], params[lo:hi], use_tqdm=False))
         self._gen_seconds += time.perf_counter() - t0
         game = self.action_token_ids is not None  # a one-token action is a complete response
-        result: list[list[Rollout]] = []
-        for prompt, ids, out in zip(prompts, prompt_token_ids, outputs):
-            samples = []
-            for comp in sorted(out.outputs, key=lambda c: c.index):
-                toks = list(comp.token_ids)
-                logprob = 0.0
-                for tok, pos in zip(toks, comp.logprobs or []):
-                    logprob += float(pos[tok].logprob)
-                self._tokens += len(toks)
-                samples.append(Rollout(
-                    prompt=prompt,
-                    prompt_token_ids=list(ids),
-                    response_token_ids=toks,
-                    response_text=comp.text,
-                    sampler_logprob=logprob,
-                    finished=game or comp.finish_reason == "stop",
-                ))
-            if greedy:
-                samples = samples + [dataclasses.replace(samples[0]) for _ in range(n - 1)]
-                self._tokens += (n - 1) * len(samples[0].response_token_ids)
-            result.append(samples)
+        result: list[list[Rollout]] = [[] for _ in prompts]
+        for i, par, out in zip(owner, params, outputs):
+            comp = out.outputs[0]
+            toks = list(comp.token_ids)
+            token_lp = [float(pos[tok].logprob) for tok, pos in zip(toks, comp.logprobs or [])]
+            self._tokens += len(toks)
+            result[i].append(Rollout(
+                prompt=prompts[i],
+                prompt_token_ids=[int(t) for t in prompt_token_ids[i]],
+                response_token_ids=toks,
+                response_text=comp.text,
+                sampler_logprob=float(sum(token_lp)),
+                finished=game or comp.finish_reason == "stop",
+                sampler_token_logprobs=token_lp,
+                seed=par.seed,
+            ))
+        if greedy:
+            for i, samples in enumerate(result):
+                extra = len(seeds[i]) - 1
+                samples.extend(dataclasses.replace(samples[0]) for _ in range(extra))
+                self._tokens += extra * len(samples[0].response_token_ids)
         return result
 
     def _waves(self, requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -211,11 +214,16 @@ class RolloutWorker:
         return waves
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes) -> dict:
+    def update_weights(self, payload: bytes, version: int | None = None) -> dict:
         """Load a full HF state dict given as safetensors bytes (``nlhf.sync.object_store.pack_state_dict``).
 
         Under Ray, pass the ``ObjectRef`` of the bytes (``ray.put`` once per pool): Ray resolves it.
         The prefix cache is reset so no KV block of the old weights is reused.
+
+        Args:
+            payload: safetensors bytes of the full state dict.
+            version: the weight version these weights are (set by the driver, which checks it
+                before using the pool's rollouts); None: the previous version + 1.
 
         Returns:
             ``{"seconds": wall time, "bytes": payload size, "tensors": tensors loaded, "version": n}``.
@@ -227,7 +235,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         res = self.llm.collective_rpc("load_safetensors_bytes", args=(bytes(payload),))
         self.llm.reset_prefix_cache()
-        self._weight_version += 1
+        self._weight_version = self._weight_version + 1 if version is None else int(version)
         return {"seconds": time.perf_counter() - t0, "bytes": len(payload), "tensors": res[0]["tensors"],
                 "version": self._weight_version}
 
@@ -254,6 +262,15 @@ class RolloutWorker:
         return {"seconds": time.perf_counter() - t0, "tensors": res[0]["tensors"], "version": self._weight_version}
 
     # ------------------------------------------------------------------ bookkeeping
+    def weight_version(self) -> int:
+        """The version of the weights the engine holds: 0 for the initial weights (also after a
+        restart of this actor), else the version given to the last :meth:`update_weights`."""
+        return self._weight_version
+
+    def info(self) -> dict:
+        """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "pid"}``."""
+        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid()}
+
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
 

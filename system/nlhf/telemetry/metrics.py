@@ -74,6 +74,14 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("nlhf_judge_latency_seconds", "gauge", "Mean judge request latency in the last iteration."),
     RayMetricSpec("nlhf_weight_sync_seconds", "gauge", "Weight sync wall time in the last iteration."),
     RayMetricSpec("nlhf_weight_sync_bytes_total", "counter", "Bytes of weights sent to rollout pools."),
+    RayMetricSpec("nlhf_eval_queries_total", "counter", "Judge queries of the evaluations (win probability, held-out win rate)."),
+    RayMetricSpec("nlhf_identical_pair_fraction", "gauge", "Fraction of training comparisons between identical responses."),
+    RayMetricSpec("nlhf_logprob_gap", "gauge", "Mean |log pi_engine - log pi_learner| per response token at theta_k."),
+    RayMetricSpec("nlhf_grad_norm", "gauge", "Pre-clip gradient norm of the last inner step.", ("step",)),
+    RayMetricSpec("nlhf_clip_fraction", "gauge", "Fraction of samples whose importance ratio was clipped.", ("step",)),
+    RayMetricSpec("nlhf_importance_ratio", "gauge", "Importance ratio pi_theta / pi_k over the batch.", ("step", "stat")),
+    RayMetricSpec("nlhf_pg_weight_std", "gauge", "Standard deviation of the policy-gradient weight.", ("step",)),
+    RayMetricSpec("nlhf_faults_total", "counter", "Faults survived (actor restarts, judge retries).", ("kind",)),
 )
 
 _SPECS = {s.name: s for s in RAY_METRICS}
@@ -103,6 +111,16 @@ _KEY_TO_METRIC: dict[str, list[tuple[str, dict[str, str]]]] = {
     "judge/latency_s": [("nlhf_judge_latency_seconds", {})],
     "sync/seconds": [("nlhf_weight_sync_seconds", {})],
     "sync/bytes": [("nlhf_weight_sync_bytes_total", {})],
+    "charts/eval_queries": [("nlhf_eval_queries_total", {})],
+    "charts/identical_fraction": [("nlhf_identical_pair_fraction", {})],
+    "rollout/logprob_gap": [("nlhf_logprob_gap", {})],
+    **{f"learner/{step}_grad_norm": [("nlhf_grad_norm", {"step": step})] for step in ("half", "full")},
+    **{f"learner/{step}_clip_frac": [("nlhf_clip_fraction", {"step": step})] for step in ("half", "full")},
+    **{f"learner/{step}_pg_weight_std": [("nlhf_pg_weight_std", {"step": step})] for step in ("half", "full")},
+    **{f"learner/{step}_ratio_{stat}": [("nlhf_importance_ratio", {"step": step, "stat": stat})]
+       for step in ("half", "full") for stat in ("min", "mean", "max")},
+    **{f"faults/{kind}": [("nlhf_faults_total", {"kind": kind})]
+       for kind in ("rollout_restarts", "judge_retries", "learner_restarts")},
 }
 
 #: Driver keys that RunLogger mirrors into Ray metrics (all keys go to jsonl/TensorBoard).
@@ -111,7 +129,8 @@ RAY_MIRRORED_KEYS: tuple[str, ...] = tuple(_KEY_TO_METRIC)
 #: Keys the driver logs as running totals since it started. Ray sees the per-iteration
 #: difference: counters advance by it and ``nlhf_weight_sync_seconds`` shows the sync time
 #: of the last iteration. (jsonl and TensorBoard keep the logged totals.)
-CUMULATIVE_KEYS = frozenset({"charts/queries", "judge/requests", "sync/bytes", "sync/seconds"})
+CUMULATIVE_KEYS = frozenset({"charts/queries", "charts/eval_queries", "judge/requests", "sync/bytes", "sync/seconds",
+                             "faults/rollout_restarts", "faults/judge_retries", "faults/learner_restarts"})
 
 # Ray metric objects, created lazily, once per process (names are global in Ray).
 _ray_metrics: dict[str, Any] = {}
@@ -238,6 +257,29 @@ class RunLogger:
                 logger.warning("TensorBoard disabled (%s); metrics.jsonl is still written", e)
             else:
                 self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
+
+    def rewind(self, iterations: int) -> None:
+        """Forget every record after iteration ``iterations`` (a resumed or recovered run repeats
+        them): ``metrics.jsonl`` keeps only lines of iterations <= ``iterations``, and TensorBoard
+        events of later steps are purged when the next ones are written."""
+        self._file.close()
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line)["iteration"]) <= iterations:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line of a killed run
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp.replace(self.metrics_path)
+        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        self._last_cumulative.clear()
+        if self._writer is not None and iterations >= 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), purge_step=iterations + 1)
 
     def log(self, iteration: int, metrics: Mapping[str, float]) -> None:
         """Record ``metrics`` for ``iteration``: one jsonl line, TensorBoard scalars, Ray metrics.
