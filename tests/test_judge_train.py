@@ -159,3 +159,93 @@ def test_evaluate_judge_report_shape(trained, tmp_path):
         assert 0.0 <= e["random"][k] <= 1.0
     assert rep["overall"]["judge"]["n"] == 10
     assert set(evaluate_judge(cfg.path, [str(f)], baselines=False)["files"]["toy.json"]) >= {"judge"}
+
+
+# ----------------------------------------------------------------------------- resumable training
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """A 9-step run (3 epochs of 3 batches, dropout on) and its uninterrupted weights."""
+    from safetensors.torch import load_file
+
+    d = tmp_path_factory.mktemp("resume")
+    tiny = make_tiny_pairwise(d / "tiny", head="pairwise")
+    cfg = JudgeConfig(path=str(d / "ref"), head="pairwise", train=JudgeTrainConfig(
+        encoder=str(tiny), train_files=[str(_hh_file(d / "hh.jsonl.gz", 60))], validation_fraction=0.2,
+        max_length=48, batch_size=8, max_train_pairs=24, epochs=3, lr=1e-3, seed=0, num_threads=1,
+        checkpoint_every_s=None))
+    report = train_judge(cfg, note=lambda s: None)
+    assert report["steps"] == 9 and report["resumed_from_step"] is None
+    return cfg, load_file(str(Path(cfg.path) / "model.safetensors")), d
+
+
+def _interrupt_at_loss(monkeypatch, call: int, exc: type[BaseException]) -> None:
+    """Make the ``call``-th training loss raise ``exc`` (after that step's forward pass and dropout)."""
+    import torch
+
+    real, calls = torch.nn.functional.softplus, []
+
+    def softplus(x, *a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc("interrupted by the test")
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "softplus", softplus)
+
+
+def _same_weights(folder: str, ref: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    got = load_file(str(Path(folder) / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k, want in ref.items():
+        assert torch.equal(got[k], want), k  # bit-exact: same batches, dropout masks and learning rates
+
+
+@pytest.mark.parametrize("exc,call,every,saved_step", [
+    (KeyboardInterrupt, 4, None, 3),  # Ctrl-C during step 4: progress saved on the way out (epoch boundary)
+    (RuntimeError, 6, 0.0, 5),        # a crash (nothing saved on the way out): the periodic save of step 5
+])
+def test_interrupted_judge_training_resumes_bit_exact(resumable, tmp_path, monkeypatch, exc, call, every, saved_step):
+    cfg, ref, _ = resumable
+    c = cfg.model_copy(update={"path": str(tmp_path / "judge"),
+                               "train": cfg.train.model_copy(update={"checkpoint_every_s": every})})
+    partial = tmp_path / "judge.partial"
+    _interrupt_at_loss(monkeypatch, call, exc)
+    with pytest.raises(exc):
+        train_judge(c, note=lambda s: None)
+    monkeypatch.undo()
+    assert not (tmp_path / "judge").exists()
+    saved = json.loads((partial / "progress.json").read_text())
+    assert saved["step"] == saved_step
+    notes: list[str] = []
+    report = train_judge(c, note=notes.append)
+    assert f"resuming judge training from step {saved_step}" in notes[0]
+    assert report["steps"] == 9 and report["resumed_from_step"] == saved_step  # not 9 more steps
+    assert report["train_seconds"] >= round(saved["train_seconds"], 1) - 0.1
+    _same_weights(c.path, ref)
+    assert not partial.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".judge.lock", "judge"]
+
+
+def test_progress_of_another_config_is_discarded(resumable, tmp_path, monkeypatch):
+    cfg, _, _ = resumable
+    c = cfg.model_copy(update={"path": str(tmp_path / "judge")})
+    _interrupt_at_loss(monkeypatch, 3, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(c, note=lambda s: None)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "judge.partial" / "progress.json").read_text())["step"] == 2
+    other = c.model_copy(update={"train": c.train.model_copy(update={"lr": 2e-3})})
+    notes: list[str] = []
+    report = train_judge(other, note=notes.append)
+    assert any("discarding judge training progress" in n for n in notes)
+    assert report["resumed_from_step"] is None and report["steps"] == 9
+    assert not (tmp_path / "judge.partial").exists()
+
+
+def test_reuse_existing_judge_skips_training(resumable, monkeypatch):
+    cfg, _, _ = resumable
+    _interrupt_at_loss(monkeypatch, 1, AssertionError)  # any training step would fail the test
+    report = train_judge(cfg, reuse_existing=True)
+    assert report["reused"] is True and report["steps"] == 9

@@ -187,6 +187,8 @@ class JudgeTrainConfig(Strict):
     max(step fraction, time fraction), so it still decays to 0 when time binds.
     ``freeze_layers`` freezes the embeddings and the lowest encoder layers (a cheaper backward).
     ``length_feature`` adds a learned multiple of the log token-count ratio to the score.
+    ``checkpoint_every_s``: seconds between saves of resumable progress to ``<judge.path>.partial``
+    (also saved on Ctrl-C; 0: after every step; None: only on Ctrl-C).
     """
 
     encoder: str = PYPI_MINILM
@@ -208,6 +210,7 @@ class JudgeTrainConfig(Strict):
     eval_before: bool = False
     seed: int = 0
     num_threads: int | None = None
+    checkpoint_every_s: float | None = Field(60.0, ge=0)
 
 
 class JudgeConfig(Strict):

@@ -32,8 +32,6 @@ the BERT config) and the tokenizer files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -255,37 +253,49 @@ class PairwiseJudgeModel(nn.Module):
                 "length_feature": self.length_feature, "encoder_config": self.encoder.config.to_dict()}
 
 
+def write_folder(model: PairwiseJudgeModel, tokenizer, folder: str | Path, max_length: int,
+                 extra: dict | None = None) -> Path:
+    """Write the judge files (weights, ``judge_config.json``, tokenizer) into the existing folder
+    ``folder`` in place, with no locking or renaming (:func:`save_folder` wraps it atomically).
+
+    Args:
+        extra: merged into ``judge_config.json`` (e.g. a training report).
+    Returns:
+        ``folder`` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    cfg = model.judge_config(max_length)
+    if extra:
+        cfg.update(extra)
+    tokenizer.save_pretrained(str(folder))
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")  # last: marks it complete
+    return folder
+
+
+def is_judge_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a complete judge folder (its config and weights)."""
+    folder = Path(folder)
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
 def save_folder(model: PairwiseJudgeModel, tokenizer, out_dir: str | Path, max_length: int,
                 extra: dict | None = None) -> Path:
-    """Write the judge folder atomically (``<out>.tmp<pid>`` then rename over ``out_dir``).
+    """Write the judge folder atomically: built in a temporary sibling under ``out_dir``'s build
+    lock, then swapped in over any old folder (see :func:`nlhf.cachebuild.build_once`).
 
     Args:
         extra: merged into ``judge_config.json`` (e.g. a training report).
     Returns:
         ``out_dir`` as a Path.
     """
-    from safetensors.torch import save_file
+    from nlhf.cachebuild import build_once
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}
-    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    cfg = model.judge_config(max_length)
-    if extra:
-        cfg.update(extra)
-    (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        old = out.with_name(out.name + f".old{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return build_once(Path(out_dir), is_judge_folder,
+                      lambda tmp: write_folder(model, tokenizer, tmp, max_length, extra), rebuild=True)
 
 
 def load_folder(path: str | Path) -> tuple[PairwiseJudgeModel, object, dict]:

@@ -3,23 +3,32 @@
 Loss: binary cross-entropy of ``sigmoid(logit(x, chosen, rejected))`` against 1, where ``logit``
 is ``f(x,a,b) - f(x,b,a)`` (pairwise head) or ``r(x,a) - r(x,b)`` (Bradley-Terry head); both are
 antisymmetric, so the order in which a pair is presented cannot matter. AdamW, linear warm-up
-then linear decay, seeded shuffling, length-bucketed batches (less padding on CPU).
+then linear decay, seeded shuffling, length-bucketed batches (less padding on CPU). Progress is
+saved periodically and a later run continues it (:mod:`nlhf.judge.train_progress`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nlhf.cachebuild import build_lock, publish, remove_stale_temps, temp_dir
 from nlhf.config import PYPI_MINILM, JudgeConfig, JudgeTrainConfig
 from nlhf.data.preferences import PreferencePair, check_trainable, load_preferences, split_by_prompt, subsample
-from nlhf.judge.pairwise import CONFIG_NAME, PairEncoder, PairwiseJudgeModel, load_folder, minilm_path, save_folder
+from nlhf.judge.pairwise import (CONFIG_NAME, PairEncoder, PairwiseJudgeModel, is_judge_folder, load_folder,
+                                 minilm_path, write_folder)
+from nlhf.judge.train_progress import (TrainProgress, fingerprint, load_progress, progress_folder, rng_state_json,
+                                       save_progress)
 
 
 def resolve_encoder(source: str) -> Path:
@@ -86,24 +95,35 @@ def _evaluate(model: PairwiseJudgeModel, enc: PairEncoder, data: _Tokenised, bat
             "loss": round(loss, 4), "by_source": by_src}
 
 
-def train_judge(cfg: JudgeConfig) -> dict:
+def train_judge(cfg: JudgeConfig, *, reuse_existing: bool = False, note: Callable[[str], None] | None = None) -> dict:
     """Train a judge on ``cfg.train.train_files`` and write it to ``cfg.path`` (atomically).
+
+    Resumable: under ``cfg.path``'s build lock (one trainer per folder across processes), the
+    progress is saved to ``<cfg.path>.partial/`` every ``cfg.train.checkpoint_every_s`` seconds
+    and on Ctrl-C (see :mod:`nlhf.judge.train_progress`). A later call with the same config and
+    data continues from it (same batches, dropout masks, learning rates and time budget, so the
+    weights equal an uninterrupted run's on the same machine); progress of another config is
+    discarded. The folder is written by swapping a finished temporary folder in, and the
+    progress folder is deleted after it.
 
     Args:
         cfg: ``cfg.head`` picks the head, ``cfg.path`` the output folder, ``cfg.train`` the
             data and optimisation (see :class:`nlhf.config.JudgeTrainConfig`).
+        reuse_existing: return the stored report of a complete judge folder at ``cfg.path``
+            instead of retraining (a driver training a missing judge, which another process may
+            have trained meanwhile).
+        note: receives progress lines ("resuming judge training from step N"); default stderr.
     Returns:
         report dict: ``n_train``, ``n_val``, ``val`` (accuracy, loss, per source), ``val_before``
-        (the untrained model), ``steps``, ``train_seconds``, ``total_seconds``, ``path`` ...
+        (the untrained model), ``steps``, ``resumed_from_step`` (None for a fresh run),
+        ``train_seconds`` (all runs), ``total_seconds`` (this call), ``path`` ...
         (also stored under ``train_report`` in the folder's ``judge_config.json``).
     Raises:
         ValueError: no ``train`` section or ``path``, no train files, an evaluation-only file
             (LLMBar, MT-Bench, self-instruct), or no pairs left after loading.
         FileNotFoundError: a missing data file or encoder folder.
+        KeyboardInterrupt: passed on after the progress is saved.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
     t0 = time.time()
     tc: JudgeTrainConfig | None = cfg.train
     if tc is None:
@@ -114,6 +134,37 @@ def train_judge(cfg: JudgeConfig) -> dict:
         raise ValueError("judge.train.train_files: empty")
     for f in tc.train_files:
         check_trainable(f)
+    note = note or (lambda text: print(text, file=sys.stderr, flush=True))
+    out = Path(cfg.path)
+    if reuse_existing and is_judge_folder(out):
+        return _stored_report(out)
+    with build_lock(out):
+        partial = progress_folder(out)
+        remove_stale_temps(out)
+        remove_stale_temps(partial)
+        if reuse_existing and is_judge_folder(out):
+            return _stored_report(out)
+        report, model, tok = _train(cfg, tc, partial, note, t0)
+        with temp_dir(out) as tmp:
+            write_folder(model, tok, tmp, tc.max_length, extra={"train_report": report})
+            publish(tmp, out)
+        shutil.rmtree(partial, ignore_errors=True)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def _stored_report(out: Path) -> dict:
+    stored = json.loads((out / CONFIG_NAME).read_text())
+    return {**stored.get("train_report", {"path": str(out)}), "reused": True}
+
+
+def _train(cfg: JudgeConfig, tc: JudgeTrainConfig, partial: Path, note: Callable[[str], None],
+           t0: float) -> tuple[dict, PairwiseJudgeModel, object]:
+    """The training run of :func:`train_judge` (called under the judge folder's build lock):
+    (report, trained model, tokenizer)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
     threads = tc.num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     random.seed(tc.seed)
@@ -158,7 +209,6 @@ def train_judge(cfg: JudgeConfig) -> dict:
     if model.length_coef is not None:  # one scalar: a larger step so it can move within ~100 steps
         groups.append({"params": [model.length_coef], "lr": 10 * tc.head_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
-    rng = random.Random(tc.seed)
     steps_per_epoch = math.ceil(len(train_pairs) / tc.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * tc.epochs))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -167,20 +217,45 @@ def train_judge(cfg: JudgeConfig) -> dict:
         w = tc.warmup_fraction
         return min(1.0, progress / w) if w > 0 and progress < w else max(0.0, (1.0 - progress) / (1.0 - w))
 
-    val_before = _evaluate(model, enc, val_data, tc.batch_size * 2) if tc.eval_before and val_pairs else None
-    t_train = time.time()
-    # With max_seconds the schedule runs on max(step fraction, time fraction): it still warms up
-    # and decays to 0 when the time budget (minus a reserve for validation and saving) binds.
-    budget = None
-    if tc.max_seconds is not None:
-        budget = max(1.0, tc.max_seconds - (t_train - t0) - 30.0 - 0.5 * len(val_pairs))
-    step, stopped_early, ema_loss, ema_acc = 0, False, None, None
-    bar = tqdm(total=total_steps, desc=f"judge train ({cfg.head})", unit="step", dynamic_ncols=True)
-    while step < total_steps and not stopped_early:
-        for idx in _batches(train_data.lengths, tc.batch_size, rng):
+    fp = fingerprint(cfg.head, tc, train_pairs + val_pairs, model)
+    resumed = load_progress(partial, fp, model, opt, note)
+    if resumed is not None:
+        note(f"resuming judge training from step {resumed.step} ({partial})")
+        prog = resumed
+        torch.set_rng_state(prog.torch_rng)
+    else:
+        val_before = _evaluate(model, enc, val_data, tc.batch_size * 2) if tc.eval_before and val_pairs else None
+        # With max_seconds the schedule runs on max(step fraction, time fraction): it still warms
+        # up and decays to 0 when the time budget (minus a reserve for validation and saving) binds.
+        budget = None
+        if tc.max_seconds is not None:
+            budget = max(1.0, tc.max_seconds - (time.time() - t0) - 30.0 - 0.5 * len(val_pairs))
+        prog = TrainProgress(step=0, epoch=0, pos=0, epoch_rng_state=rng_state_json(random.Random(tc.seed)),
+                             ema_loss=None, ema_acc=None, train_seconds=0.0, budget=budget, val_before=val_before,
+                             torch_rng=torch.get_rng_state())
+    rng = prog.batch_rng()
+    batches = _batches(train_data.lengths, tc.batch_size, rng)
+    step, epoch, pos, epoch_rng_state = prog.step, prog.epoch, prog.pos, prog.epoch_rng_state
+    ema_loss, ema_acc = prog.ema_loss, prog.ema_acc
+    spent_before, t_train = prog.train_seconds, time.time()
+    saved_step, last_save = prog.step, time.time()
+    stopped_early, mutating = False, False
+    bar = tqdm(total=total_steps, initial=step, desc=f"judge train ({cfg.head})", unit="step", dynamic_ncols=True)
+
+    def snapshot() -> TrainProgress:  # the state after `step` steps (callers hold it consistent)
+        return TrainProgress(step, epoch, pos, epoch_rng_state, ema_loss, ema_acc,
+                             spent_before + time.time() - t_train, prog.budget, prog.val_before, torch.get_rng_state())
+
+    try:
+        while step < total_steps and not stopped_early:
+            if pos == len(batches):  # next epoch: new shuffled batches
+                state = rng_state_json(rng)
+                batches, epoch, pos, epoch_rng_state = _batches(train_data.lengths, tc.batch_size, rng), epoch + 1, 0, state
+                prog = snapshot()
+            idx = batches[pos]
             progress = step / total_steps
-            if budget is not None:
-                progress = max(progress, (time.time() - t_train) / budget)
+            if prog.budget is not None:
+                progress = max(progress, (spent_before + time.time() - t_train) / prog.budget)
             if progress >= 1.0:
                 stopped_early = step < total_steps
                 break
@@ -192,16 +267,31 @@ def train_judge(cfg: JudgeConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            mutating = True  # from here until `prog` is updated, weights and `prog` disagree
             opt.step()
-            step += 1
+            step, pos = step + 1, pos + 1
             acc = float((logits.detach() > 0).float().mean())
             lv = float(loss.detach())
             ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+            prog = snapshot()
+            mutating = False
             bar.update(1)
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
-    bar.close()
-    train_seconds = time.time() - t_train
+            if (tc.checkpoint_every_s is not None and time.time() - last_save >= tc.checkpoint_every_s
+                    and step < total_steps):
+                save_progress(partial, fp, model, opt, prog)
+                saved_step, last_save = step, time.time()
+    except KeyboardInterrupt:
+        if not mutating and prog.step > saved_step:  # weights, optimiser and `prog` agree: keep them
+            save_progress(partial, fp, model, opt, prog)
+            note(f"judge training interrupted: progress at step {prog.step} saved to {partial}")
+        elif saved_step > 0:
+            note(f"judge training interrupted: progress at step {saved_step} kept in {partial}")
+        raise
+    finally:
+        bar.close()
+    train_seconds = spent_before + time.time() - t_train
     val = _evaluate(model, enc, val_data, tc.batch_size * 2) if val_pairs else None
 
     sources: dict[str, int] = {}
@@ -213,11 +303,10 @@ def train_judge(cfg: JudgeConfig) -> dict:
         "train_sources": sources, "train_truncated_fraction": round(truncated_train, 4),
         "steps": step, "planned_steps": total_steps, "batch_size": tc.batch_size,
         "epochs_done": round(step * tc.batch_size / len(train_pairs), 3), "stopped_early": stopped_early,
-        "val_before": val_before, "val": val,
+        "resumed_from_step": None if resumed is None else resumed.step,
+        "val_before": prog.val_before, "val": val,
         "length_coef": None if model.length_coef is None else round(float(model.length_coef), 4), "threads": threads,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
         "seed": tc.seed, "train_files": list(tc.train_files),
     }
-    save_folder(model, tok, cfg.path, tc.max_length, extra={"train_report": report})
-    report["total_seconds"] = round(time.time() - t0, 1)
-    return report
+    return report, model, tok

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
+from nlhf.cachebuild import build_once
 from nlhf.config import TinyModelConfig
 
 
@@ -17,43 +16,46 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, cfg: TinyMod
     tokenizer's, save it with the tokenizer to ``out_dir`` and return the folder.
 
     Weights are seeded by ``cfg.seed``; embeddings are tied. The folder is reused when its
-    ``nlhf_tiny.json`` matches ``cfg``.
+    ``nlhf_tiny.json`` matches ``cfg``; otherwise it is built under a lock (one builder across
+    processes) and swapped in atomically (see :func:`nlhf.cachebuild.build_once`).
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     cfg = cfg or TinyModelConfig()
     out = Path(out_dir)
     stamp = {"tiny": cfg.model_dump(), "dtype": dtype, "tokenizer": str(tokenizer_dir)}
-    marker = out / "nlhf_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return out
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        dtype=dtype,
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "nlhf_tiny.json").write_text(json.dumps(stamp))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
+
+    def is_complete(folder: Path) -> bool:
+        marker = folder / "nlhf_tiny.json"
+        try:
+            return marker.is_file() and json.loads(marker.read_text()) == stamp
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            dtype=dtype,
+        )
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "nlhf_tiny.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
+
+    return build_once(out, is_complete, build)
 
 
 def tiny_folder_name(cfg: TinyModelConfig, dtype: str) -> str:
