@@ -188,6 +188,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume_command: str = ""
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Session.start(cfg, overwrite=overwrite, resume_command=resume_command) as s:
+            for sig in previous:  # ray.init may have installed its own handlers
+                signal.signal(sig, _on_signal)
             try:
                 reporting.evaluate_initial_policy(s)
                 while s.state.iteration < cfg.iterations:

@@ -138,6 +138,7 @@ class Session:
         self.judge: Any = None
         self.sync: Any = None
         self.judge_app: str | None = None
+        self.lease: Any = None
 
     # ------------------------------------------------------------------ start-up
     @classmethod
@@ -184,7 +185,12 @@ class Session:
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         action_ids = self._setup_prompts()
 
-        self.judge_app = f"{cfg.run_name}-{self.state.run_id}-judge"
+        from nlhf.judge.lifecycle import judge_app_name, reap_orphaned_judges, take_lease
+
+        self.lease = take_lease(self.state.run_id)
+        for name in reap_orphaned_judges(self.state.run_id):
+            self.note(f"deleted judge app {name}: its driver is gone")
+        self.judge_app = judge_app_name(cfg.run_name, self.state.run_id)
         ft = cfg.fault_tolerance
         self.judge = JudgeClient(self._start_judge(), self.state.counters, timeout_s=ft.judge_timeout_s,
                                  retries=ft.judge_retries, note=self.note)
@@ -291,8 +297,9 @@ class Session:
                 from nlhf.judge.train import train_judge
 
                 self.progress.phase("judge training")
-                self.note(f"judge folder {j.path} missing: training it first (nlhf judge train)")
-                train_judge(j)
+                self.note(f"judge folder {j.path} missing: training it first (nlhf judge train; "
+                          f"continues {j.path}.partial if an earlier run was interrupted)")
+                train_judge(j, reuse_existing=True, note=self.note)
             if Path(j.path).exists():
                 j.path = str(Path(j.path).resolve())
         if self.game is not None:
