@@ -409,25 +409,19 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     return cfg
 
 
-def _check_model_source(field: str, source: str) -> None:
-    if source in (PYPI_SMOLLM2, TINY_RANDOM) or source.startswith("pypi:"):
-        return
-    if is_local_path(source):
-        if not Path(source).expanduser().exists():
-            raise ConfigError(f"{field}: model path does not exist: {source}")
-    elif source.count("/") != 1:
-        raise ConfigError(f"{field}: {source!r} is neither an existing path, a hub id (org/name), nor a known source")
-
-
 def check_paths(cfg: TrainConfig) -> None:
-    """Every model and data path named by ``cfg`` exists (hub ids and pypi: sources excepted).
+    """Every model and data path named by ``cfg`` exists; model references (policy, tokenizer,
+    reference, judge; hub ids included) resolve as they will at start-up
+    (:func:`nlhf.references.check_references`).
 
     Raises:
-        ConfigError: naming the field and the missing path.
+        ConfigError: naming the field and the missing path or unresolvable reference.
     """
-    _check_model_source("policy.source", cfg.policy.source)
-    if cfg.reference is not None:
-        _check_model_source("reference.source", cfg.reference.source)
+    # --- hub: model references resolve through nlhf.references, the same function start-up uses
+    from nlhf.references import check_references
+
+    check_references(cfg)
+    # --- end hub
     if cfg.data is not None:
         from nlhf.data.prompts import EVALUATION_ONLY
 
@@ -440,27 +434,6 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.eval_prompts: file not found: {cfg.data.eval_prompts}")
     if cfg.game is not None and cfg.game.matrix and not Path(cfg.game.matrix).is_file():
         raise ConfigError(f"game.matrix: file not found: {cfg.game.matrix}")
-    check_judge_paths(cfg.judge)
-
-
-def check_judge_paths(j: "JudgeConfig") -> None:
-    """The judge's model folder exists, or (pairwise) can be trained from existing files;
-    hub ids are accepted for ``bradley-terry`` and ``llm`` judges.
-
-    Raises:
-        ConfigError: naming the field and the missing path.
-    """
-    if j.kind == "matrix":
-        return
-    if j.path is None:
-        raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
-    if Path(j.path).exists() or (j.kind != "pairwise" and not is_local_path(j.path) and j.path.count("/") == 1):
-        return
-    if j.kind != "pairwise" or j.train is None:
-        raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
-    for i, f in enumerate(j.train.train_files):
-        if not Path(f).is_file():
-            raise ConfigError(f"judge.train.train_files[{i}]: file not found: {f}")
 
 
 def cluster_capacity(cfg: TrainConfig) -> tuple[float, float]:

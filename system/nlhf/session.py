@@ -127,12 +127,17 @@ class Session:
         self.note(self.cluster)
 
         self.policy_path = _abs(resolve_model(cfg.policy, cfg.cache_dir))
-        self.reference_path = self.policy_path if cfg.reference is None else _abs(resolve_model(cfg.reference, cfg.cache_dir))
+        self.reference_path = (self.policy_path if cfg.reference is None
+                               else _abs(resolve_model(cfg.reference, cfg.cache_dir, field="reference")))
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         action_ids = self._setup_prompts()
 
         self.judge_app = f"{cfg.run_name}-judge"
         self.judge = JudgeClient(self._start_judge())
+        self.note(f"judge service {self.judge_app} up ({cfg.judge.kind}, {cfg.judge.serve.replicas} replica(s))")
+        from nlhf.preflight import check_gpu_roles
+
+        check_gpu_roles(cfg)  # the GPUs Ray hands out work, before the first GPU actor starts
         env = actor_env()
         self.pg = make_placement_group(cfg)
         self.learners = LearnerGroup(cfg, self.policy_path, self.reference_path, action_token_ids=action_ids,
@@ -177,16 +182,17 @@ class Session:
     def _start_judge(self) -> Any:
         """Train the judge first when its folder is missing, then start the Serve deployment."""
         from nlhf.judge.serve import start_judge_service
+        from nlhf.references import resolve_judge_path
 
         j = self.cfg.judge.model_copy(deep=True)
         if j.kind != "matrix" and j.path is not None:
-            if not Path(j.path).exists() and j.train is not None:
+            if j.kind == "pairwise" and not Path(j.path).exists() and j.train is not None:
                 from nlhf.judge.train import train_judge
 
                 self.progress.phase("judge training")
                 self.note(f"judge folder {j.path} missing: training it first (nlhf judge train)")
                 train_judge(j)
-            j.path = str(Path(j.path).resolve())
+            j.path = resolve_judge_path(j, self.cfg.cache_dir, check_only=False)  # hub ids: a snapshot folder
         if self.game is not None:
             return start_judge_service(j, name=self.judge_app, matrix=self.game["P"],
                                        actions=self.game["actions"])
