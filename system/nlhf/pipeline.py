@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nlhf.batch import Rollout
 from nlhf.config import TrainConfig
 from nlhf.data.prompts import Prompt
-from nlhf.learner.group import free_port
+from nlhf.learner.group import rendezvous_address
 
 
 def _split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -130,9 +130,9 @@ class WeightSync:
         self.seconds = 0.0
         if self.backend == "nccl":
             for name, pool in pools.items():
-                port = free_port()
+                # the sender is learner rank 0: its TCP store lives on rank 0's node
+                addr, port = rendezvous_address(getattr(learners, "placement_group", None))
                 world = 1 + len(pool.workers) * cfg.rollout.tensor_parallel_size
-                addr = ray.util.get_node_ip_address()
                 refs = [w.init_weight_group.remote(addr, port, 1 + i * cfg.rollout.tensor_parallel_size, world)
                         for i, w in enumerate(pool.workers)]
                 learners.init_weight_sender(name, addr, port, world)
@@ -158,13 +158,39 @@ class WeightSync:
 
 def make_placement_group(cfg: TrainConfig) -> PlacementGroup:
     """One placement group for learners then both rollout pools (bundle order: learners,
-    current workers, extrapolated workers), resources from config. PACK: colocate when possible."""
+    current workers, extrapolated workers), resources from config. PACK: colocate when possible;
+    ``learner.resources`` / ``rollout.resources`` (custom Ray resources the nodes declare) steer
+    bundles to nodes.
+
+    Raises:
+        ConfigError: a custom resource that no node of the cluster declares (field named).
+    """
     from ray.util.placement_group import placement_group
 
     r, lrn = cfg.rollout, cfg.learner
-    bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {})} for _ in range(lrn.num_learners)]
+    bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {}), **lrn.rank_resources(i)}
+               for i in range(lrn.num_learners)]
     gpu = r.num_gpus * r.tensor_parallel_size
-    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {})} for _ in range(2 * r.num_workers)]
+    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {}), **r.resources} for _ in range(2 * r.num_workers)]
+    _check_custom_resources(cfg, ray.cluster_resources())
     pg = placement_group(bundles, strategy="PACK", name=f"{cfg.run_name}-pg")
     ray.get(pg.ready(), timeout=600)
     return pg
+
+
+def _check_custom_resources(cfg: TrainConfig, have: dict[str, float]) -> None:
+    """Each custom resource of ``learner.resources`` / ``rollout.resources`` exists on the cluster in
+    the total amount the bundles ask for (else the placement group would wait forever)."""
+    from nlhf.config import ConfigError
+
+    r, lrn = cfg.rollout, cfg.learner
+    asks: dict[str, tuple[str, float]] = {}
+    for field, demand in [("learner.resources", lrn.rank_resources(i)) for i in range(lrn.num_learners)] + \
+            [("rollout.resources", r.resources)] * (2 * r.num_workers):
+        for name, amount in demand.items():
+            prev = asks.get(name, (field, 0.0))[1]
+            asks[name] = (field, prev + amount)
+    for name, (field, amount) in asks.items():
+        if have.get(name, 0.0) + 1e-9 < amount:
+            raise ConfigError(f"{field}: the bundles ask for {amount:g} of custom resource {name!r} but the cluster "
+                              f"has {have.get(name, 0.0):g} (declare it with ray start --resources)")
