@@ -185,12 +185,12 @@ def _check_custom_resources(cfg: TrainConfig, have: dict[str, float]) -> None:
 
     r, lrn = cfg.rollout, cfg.learner
     asks: dict[str, tuple[str, float]] = {}
-    for field, demand in [("learner.resources", lrn.rank_resources(i)) for i in range(lrn.num_learners)] + \
+    for where, demand in [("learner.resources", lrn.rank_resources(i)) for i in range(lrn.num_learners)] + \
             [("rollout.resources", r.resources)] * (2 * r.num_workers):
         for name, amount in demand.items():
-            prev = asks.get(name, (field, 0.0))[1]
-            asks[name] = (field, prev + amount)
-    for name, (field, amount) in asks.items():
+            prev = asks.get(name, (where, 0.0))[1]
+            asks[name] = (where, prev + amount)
+    for name, (where, amount) in asks.items():
         if have.get(name, 0.0) + 1e-9 < amount:
-            raise ConfigError(f"{field}: the bundles ask for {amount:g} of custom resource {name!r} but the cluster "
+            raise ConfigError(f"{where}: the bundles ask for {amount:g} of custom resource {name!r} but the cluster "
                               f"has {have.get(name, 0.0):g} (declare it with ray start --resources)")
