@@ -19,7 +19,8 @@ def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_configs_validate(shared_data: Path) -> None:
-    for name in ("game-cpu", "smollm2-cpu", "cluster-gpu"):
+    # cluster-gpu names hub models: tests/test_cluster_startup.py checks it against a cache of stand-ins
+    for name in ("game-cpu", "smollm2-cpu"):
         cfg = load_train_config(REPO / "configs" / f"{name}.yaml")
         assert isinstance(cfg, TrainConfig)
     cfg = load_train_config(REPO / "configs" / "smollm2-cpu.yaml")

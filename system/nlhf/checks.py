@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from nlhf.config import PYPI_SMOLLM2, TINY_RANDOM, ConfigError, HttpConfig, JudgeConfig, TrainConfig, is_local_path
+from nlhf.config import PYPI_SMOLLM2, ConfigError, HttpConfig, JudgeConfig, TrainConfig
 
 # Distinct single-token actions pick_action_tokens can find (A-Z, a-z, 0-9), an upper bound for game.n.
 MAX_GAME_ACTIONS = 62
@@ -132,41 +132,36 @@ def check_prompt_file(path: str, field: str, *, training: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- models and judge
-def check_model_source(field: str, source: str) -> None:
-    """A policy/reference source is a known one, an existing path, or a hub id.
+def check_model_source(field: str, source: str, cache_dir: str | None = None) -> None:
+    """A policy/reference/tokenizer source resolves as it will at start-up
+    (:func:`nlhf.references.resolve_reference`): a known built source, an existing path, or a hub
+    id that is cached (offline) or exists on the hub (online).
 
     Raises:
         ConfigError: naming the field and the source.
     """
-    if source in (PYPI_SMOLLM2, TINY_RANDOM):
-        return
-    if source.startswith("pypi:"):
+    from nlhf.references import resolve_reference
+
+    if source.startswith("pypi:") and source != PYPI_SMOLLM2:
         raise ConfigError(f"{field}: unknown PyPI model {source!r} (known: {PYPI_SMOLLM2})")
-    if is_local_path(source):
-        if not Path(source).expanduser().exists():
-            raise ConfigError(f"{field}: model path does not exist: {source}")
-    elif source.count("/") != 1:
-        raise ConfigError(f"{field}: {source!r} is neither an existing path, a hub id (org/name), nor a known source")
+    resolve_reference(field, source, cache_dir, check_only=True)
 
 
-def check_judge(j: JudgeConfig) -> None:
-    """The judge's model folder exists, or (pairwise) can be trained from existing files; hub ids
-    are accepted for ``bradley-terry`` and ``llm`` judges; its HTTP front is safe.
+def check_judge(j: JudgeConfig, cache_dir: str | None = None) -> None:
+    """The judge resolves as it will at start-up (:func:`nlhf.references.resolve_judge_path`: a
+    folder, a hub id for ``bradley-terry``/``llm``, or a pairwise judge to train from readable,
+    trainable files); its HTTP front is safe.
 
     Raises:
         ConfigError: naming the field and the value.
     """
+    from nlhf.references import resolve_judge_path
+
     if j.serve.http.enabled:
         check_http_security(j.serve.http)
-    if j.kind == "matrix":
-        return
-    if j.path is None:
-        raise ConfigError(f"judge.path: required for judge.kind {j.kind!r}")
-    if Path(j.path).exists() or (j.kind != "pairwise" and not is_local_path(j.path) and j.path.count("/") == 1):
-        return
-    if j.kind != "pairwise" or j.train is None:
-        raise ConfigError(f"judge.path: does not exist and no judge.train section to build it: {j.path}")
-    check_judge_training(j)
+    resolve_judge_path(j, cache_dir, check_only=True)
+    if j.kind == "pairwise" and j.path is not None and not Path(j.path).expanduser().exists():
+        check_judge_training(j)
 
 
 def check_judge_training(j: JudgeConfig) -> None:
@@ -272,16 +267,18 @@ def check_train_config(cfg: TrainConfig) -> None:
     """
     check_output_dir(cfg.output_dir)
     check_output_dir(cfg.cache_dir, "cache_dir")
-    check_model_source("policy.source", cfg.policy.source)
-    if cfg.reference is not None:
-        check_model_source("reference.source", cfg.reference.source)
+    models = [("policy", cfg.policy)] + ([("reference", cfg.reference)] if cfg.reference is not None else [])
+    for name, m in models:
+        check_model_source(f"{name}.source", m.source, cfg.cache_dir)
+        if m.tokenizer is not None:
+            check_model_source(f"{name}.tokenizer", m.tokenizer, cfg.cache_dir)
     if cfg.data is not None:
         for i, f in enumerate(cfg.data.train_prompts):
             check_prompt_file(f, f"data.train_prompts[{i}]", training=True)
         if cfg.data.eval_prompts:
             check_prompt_file(cfg.data.eval_prompts, "data.eval_prompts", training=False)
     check_game(cfg)
-    check_judge(cfg.judge)
+    check_judge(cfg.judge, cfg.cache_dir)
     check_dashboard_security(cfg)
     check_resources(cfg)
 
@@ -310,7 +307,7 @@ def check_eval_inputs(cfg: TrainConfig, out: str | None) -> None:
     if cfg.data is None or not cfg.data.eval_prompts:
         raise ConfigError("data.eval_prompts: nlhf eval needs held-out prompts (a config with a data section)")
     check_prompt_file(cfg.data.eval_prompts, "data.eval_prompts", training=False)
-    check_judge(cfg.judge)
+    check_judge(cfg.judge, cfg.cache_dir)
     if out is not None:
         check_out_file(out)
 
@@ -323,8 +320,8 @@ def check_bench_inputs(cfg: TrainConfig, out: str) -> None:
     """
     check_out_file(out)
     check_output_dir(cfg.cache_dir, "cache_dir")
-    check_model_source("policy.source", cfg.policy.source)
+    check_model_source("policy.source", cfg.policy.source, cfg.cache_dir)
     if cfg.data is not None:
         for i, f in enumerate(cfg.data.train_prompts):
             check_prompt_file(f, f"data.train_prompts[{i}]", training=True)
-    check_judge(cfg.judge)
+    check_judge(cfg.judge, cfg.cache_dir)

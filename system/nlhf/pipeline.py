@@ -293,13 +293,39 @@ class WeightSync:
 
 def make_placement_group(cfg: TrainConfig, name: str) -> PlacementGroup:
     """One placement group for learners then both rollout pools (bundle order: learners,
-    current workers, extrapolated workers), resources from config. PACK: colocate when possible."""
+    current workers, extrapolated workers), resources from config. PACK: colocate when possible;
+    ``learner.resources`` / ``rollout.resources`` (custom Ray resources the nodes declare) steer
+    bundles to nodes.
+
+    Raises:
+        ConfigError: a custom resource that no node of the cluster declares (field named).
+    """
     from ray.util.placement_group import placement_group
 
     r, lrn = cfg.rollout, cfg.learner
-    bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {})} for _ in range(lrn.num_learners)]
+    bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {}), **lrn.rank_resources(i)}
+               for i in range(lrn.num_learners)]
     gpu = r.num_gpus * r.tensor_parallel_size
-    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {})} for _ in range(2 * r.num_workers)]
+    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {}), **r.resources} for _ in range(2 * r.num_workers)]
+    _check_custom_resources(cfg, ray.cluster_resources())
     pg = placement_group(bundles, strategy="PACK", name=name)
     ray.get(pg.ready(), timeout=600)
     return pg
+
+
+def _check_custom_resources(cfg: TrainConfig, have: dict[str, float]) -> None:
+    """Each custom resource of ``learner.resources`` / ``rollout.resources`` exists on the cluster in
+    the total amount the bundles ask for (else the placement group would wait forever)."""
+    from nlhf.config import ConfigError
+
+    r, lrn = cfg.rollout, cfg.learner
+    asks: dict[str, tuple[str, float]] = {}
+    for where, demand in [("learner.resources", lrn.rank_resources(i)) for i in range(lrn.num_learners)] + \
+            [("rollout.resources", r.resources)] * (2 * r.num_workers):
+        for name, amount in demand.items():
+            prev = asks.get(name, (where, 0.0))[1]
+            asks[name] = (where, prev + amount)
+    for name, (where, amount) in asks.items():
+        if have.get(name, 0.0) + 1e-9 < amount:
+            raise ConfigError(f"{where}: the bundles ask for {amount:g} of custom resource {name!r} but the cluster "
+                              f"has {have.get(name, 0.0):g} (declare it with ray start --resources)")

@@ -181,11 +181,13 @@ class Session:
             self.note(f"resuming from {self.resumed_from.path} (iteration {self.state.iteration})")
 
         self.policy_path = _abs(resolve_model(cfg.policy, cfg.cache_dir))
-        self.reference_path = self.policy_path if cfg.reference is None else _abs(resolve_model(cfg.reference, cfg.cache_dir))
+        self.reference_path = (self.policy_path if cfg.reference is None
+                               else _abs(resolve_model(cfg.reference, cfg.cache_dir, field="reference")))
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         action_ids = self._setup_prompts()
 
         from nlhf.judge.lifecycle import judge_app_name, reap_orphaned_judges, take_lease
+        from nlhf.preflight import check_gpu_roles
 
         self.lease = take_lease(self.state.run_id)
         for name in reap_orphaned_judges(self.state.run_id):
@@ -194,6 +196,8 @@ class Session:
         ft = cfg.fault_tolerance
         self.judge = JudgeClient(self._start_judge(), self.state.counters, timeout_s=ft.judge_timeout_s,
                                  retries=ft.judge_retries, note=self.note)
+        self.note(f"judge service {self.judge_app} up ({cfg.judge.kind}, {cfg.judge.serve.replicas} replica(s))")
+        check_gpu_roles(cfg)  # the GPUs Ray hands out work, before the first GPU actor starts
         self.env = actor_env()
         self.action_ids = action_ids
         self.pg = make_placement_group(cfg, f"{cfg.run_name}-{self.state.run_id}-pg")
@@ -290,18 +294,18 @@ class Session:
     def _start_judge(self) -> Any:
         """Train the judge first when its folder is missing, then start the Serve deployment."""
         from nlhf.judge.serve import start_judge_service
+        from nlhf.references import resolve_judge_path
 
         j = self.cfg.judge.model_copy(deep=True)
         if j.kind != "matrix" and j.path is not None:
-            if not Path(j.path).exists() and j.train is not None:
+            if j.kind == "pairwise" and not Path(j.path).exists() and j.train is not None:
                 from nlhf.judge.train import train_judge
 
                 self.progress.phase("judge training")
                 self.note(f"judge folder {j.path} missing: training it first (nlhf judge train; "
                           f"continues {j.path}.partial if an earlier run was interrupted)")
                 train_judge(j, reuse_existing=True, note=self.note)
-            if Path(j.path).exists():
-                j.path = str(Path(j.path).resolve())
+            j.path = resolve_judge_path(j, self.cfg.cache_dir, check_only=False)  # hub ids: a snapshot folder
         if self.game is not None:
             return start_judge_service(j, name=self.judge_app, matrix=self.game["P"], actions=self.game["actions"])
         return start_judge_service(j, name=self.judge_app)

@@ -5,6 +5,7 @@ Heavy libraries (torch, transformers, vLLM) are imported only by the adapter tha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,14 @@ KINDS = ("pairwise", "bradley-terry", "llm", "matrix")
 
 
 def _folder(cfg: JudgeConfig) -> Path:
+    """The judge's local folder; a hub id (``bradley-terry``, ``llm``) resolves to its snapshot in
+    ``$NLHF_CACHE/hub`` or the HF cache, downloaded there when online (see :mod:`nlhf.references`)."""
     if cfg.path is None:
         raise JudgeError(f"judge {cfg.kind}: judge.path is required for judge.kind {cfg.kind!r}")
+    from nlhf.references import is_hub_id, resolve_reference
+
+    if cfg.kind != "pairwise" and is_hub_id(cfg.path):
+        return Path(resolve_reference("judge.path", cfg.path, os.environ.get("NLHF_CACHE"), check_only=False))
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
         hint = " (train it first: nlhf judge train --config ...)" if cfg.kind == "pairwise" else ""
@@ -41,6 +48,7 @@ def build_judge(cfg: JudgeConfig, *, matrix: np.ndarray | None = None,
     Raises:
         JudgeError: missing ``matrix``/``actions``/``path``, or an adapter refused its inputs.
         FileNotFoundError: ``path`` is not a folder.
+        ConfigError: ``path`` is a hub id that cannot be resolved (e.g. not cached while offline).
     """
     kind = cfg.kind
     if kind == "matrix":

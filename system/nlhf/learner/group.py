@@ -4,8 +4,8 @@ torch.distributed / DeepSpeed data-parallel group.
 Every call goes to all ranks with the **same** StepBatch (put in the object store once); each
 rank scores and back-propagates its own shard (rollouts r, r+W, ...; see
 :mod:`nlhf.learner.worker`), and the group returns rank 0's result. The rendezvous is on
-127.0.0.1, so the learners of one group live on one node (the placement group's bundles
-0..num_learners-1, PACK strategy).
+rank 0's node (:func:`rendezvous_address`), so the ranks may live on different nodes (the
+placement group's bundles 0..num_learners-1; ``learner.resources`` steers them).
 """
 
 from __future__ import annotations
@@ -23,6 +23,31 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _node_address() -> tuple[str, int]:
+    """Runs on a node of the cluster: its Ray node IP and a TCP port free there on every interface."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port("0.0.0.0")
+
+
+def rendezvous_address(placement_group: Any = None, bundle_index: int = 0) -> tuple[str, int]:
+    """(address, port) for a process group whose rank 0 runs in bundle ``bundle_index`` of
+    ``placement_group``: a zero-CPU task in that bundle reports its node's IP and a port free on
+    that node, so ranks on other nodes can reach rank 0's TCP store.
+
+    Without a placement group: ``127.0.0.1`` and a port free here (all ranks on this node).
+    """
+    if placement_group is None:
+        return "127.0.0.1", free_port()
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(placement_group=placement_group,
+                                                placement_group_bundle_index=bundle_index)
+    addr, port = ray.get(ray.remote(num_cpus=0)(_node_address).options(scheduling_strategy=strategy).remote())
+    return str(addr), int(port)
 
 
 class LearnerGroup:
@@ -47,7 +72,8 @@ class LearnerGroup:
         lc = cfg.learner
         self.cfg = cfg
         self.world_size = lc.num_learners
-        self.master_port = free_port()
+        self.placement_group = placement_group
+        self.master_addr, self.master_port = rendezvous_address(placement_group)  # on rank 0's node
         env_vars = dict(env or {})
         if lc.num_gpus == 0:
             env_vars["DS_ACCELERATOR"] = "cpu"
@@ -63,7 +89,7 @@ class LearnerGroup:
                     placement_group=placement_group, placement_group_bundle_index=rank)
             self.workers.append(remote_cls.options(**options).remote(
                 cfg, policy_path, reference_path, rank=rank, world_size=self.world_size,
-                master_addr="127.0.0.1", master_port=self.master_port, action_token_ids=action_token_ids))
+                master_addr=self.master_addr, master_port=self.master_port, action_token_ids=action_token_ids))
         self._closed = False
         try:
             self._wait([w.__ray_ready__.remote() for w in self.workers])
