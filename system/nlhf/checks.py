@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from nlhf.config import PYPI_SMOLLM2, ConfigError, HttpConfig, JudgeConfig, TrainConfig
+from nlhf.config import PYPI_SMOLLM2, ConfigError, HttpConfig, JudgeConfig, TrainConfig, is_local_path
 
 # Distinct single-token actions pick_action_tokens can find (A-Z, a-z, 0-9), an upper bound for game.n.
 MAX_GAME_ACTIONS = 62
