@@ -281,6 +281,13 @@ def test_update_weights_loads_the_new_policy(models):
             w.update_weights(pack_state_dict(partial))
         with pytest.raises(ValueError, match="lacks"):
             w.update_weights(pack_state_dict({**reference.state_dict(), "extra.weight": torch.zeros(2)}))
+        # the original policy's weights with one bad shape: refused whole, nothing is loaded
+        bad = {k: (v[:-1] if k == "model.norm.weight" else v) for k, v in models[3].state_dict().items()}
+        with pytest.raises(ValueError, match="shape"):
+            w.update_weights(pack_state_dict(bad))
+        [[again]] = w.generate(PROMPTS[:1], [pids], [[3]])
+        assert again.response_token_ids == after.response_token_ids
+        assert abs(again.sampler_logprob - after.sampler_logprob) < 1e-6
         with pytest.raises(TypeError):
             w.update_weights({"not": "bytes"})
     finally:
