@@ -146,6 +146,9 @@ class MixtureWorker:
         (one uniform per token), so a sample does not depend on the rest of the batch up to
         floating-point rounding of the batched forward passes (~1e-6 in the log-probs).
 
+        Cost: one prefill forward per model over the P prompts (left-padded, (P, L)), then per
+        generated token two single-token forwards, (R_active, 1), on the KV caches.
+
         Args:
             prompts: plain-text prompts (copied into each :class:`Rollout`).
             prompt_token_ids: the chat-templated prompts as token ids, one list per prompt.
