@@ -301,7 +301,7 @@ class MixtureWorker:
             mix = mixture_logprobs(step[0], step[1], self.mixture)
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes) -> dict:
+    def update_weights(self, payload: bytes, version: int | None = None) -> dict:
         """Load a full HF state dict of the policy (safetensors bytes, ``nlhf.sync.object_store.pack_state_dict``).
 
         The reference stays frozen. Tensors are copied (and cast) into the policy's parameters;
@@ -340,11 +340,22 @@ class MixtureWorker:
         with torch.no_grad():
             for name, tensor in state.items():
                 own[name].copy_(tensor)
-        self._weight_version += 1
+        self._weight_version = self._weight_version + 1 if version is None else int(version)
         return {"seconds": time.perf_counter() - t0, "bytes": len(payload), "tensors": len(stored),
                 "version": self._weight_version}
 
     # ------------------------------------------------------------------ bookkeeping
+    def weight_version(self) -> int:
+        """The version of the policy weights held: 0 initially (also after a restart), else the
+        ``version`` of the last :meth:`update_weights` (set by the driver)."""
+        return self._weight_version
+
+    def info(self) -> dict:
+        """``{"pool", "dtype", "weight_version", "pid"}``, as :meth:`nlhf.rollout.worker.RolloutWorker.info`."""
+        import os
+
+        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid()}
+
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
 
