@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the figures")
     p.add_argument("--batch", type=int, default=4, help="prompts per step (per-device batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="EOS suppressed before this many tokens (0: off, responses stop at EOS as in training)")
     p.add_argument("--max-prompt-tokens", type=int, default=128, help="longer chat-templated prompts are dropped")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -83,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "max_new_tokens", "max_prompt_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        p.error(f"--min-new-tokens must lie in [0, --max-new-tokens] (got {args.min_new_tokens})")
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0 (got {args.warmup_steps})")
     if not (Path(args.model) / "config.json").is_file():
@@ -246,6 +250,8 @@ def timed_trainer_class():
             add("tokens_policy", float(model_data["attention_mask"][:, n:].sum()))
             add("tokens_mixture", float(mixture_data["attention_mask"][:, n:].sum()))
             add("tokens_prompt", float(prompts["attention_mask"].sum()))
+            add("decode_steps_policy", float(model_output.shape[1] - n))  # the longest response in the batch
+            add("decode_steps_mixture", float(mixture_output.shape[1] - n))
             return model_data, mixture_data
 
         def _compute_rewards(self, *a, **kw):
@@ -269,14 +275,16 @@ def cpu_model() -> str:
 
 
 def summarise(steps: list[dict[str, float]], batch: int) -> dict:
-    """Per-step means over the measured steps: phases (s) and tokens per prompt / per response."""
+    """Per-step means over the measured steps: phases (s), tokens per prompt / per response (up to
+    and including EOS), and decoding steps (the batch's longest response: generate runs that long)."""
     mean = lambda key: statistics.fmean(s.get(key, 0.0) for s in steps)  # noqa: E731
     gen, mix, judge = mean("generation"), mean("generation_mixture"), mean("judge")
     fwd, bwd, ts, step = mean("learn_forward"), mean("learn_backward"), mean("training_step"), mean("step")
     opt = step - ts
     detail = {"generation_policy": gen - mix, "generation_mixture": mix, "learn_forward": fwd,
               "learn_backward": bwd, "learn_optimizer": opt, "other": ts - gen - judge - fwd - bwd}
-    tokens = {"prompt": mean("tokens_prompt") / batch, "policy_per_response": mean("tokens_policy") / batch, "mixture_per_response": mean("tokens_mixture") / batch}
+    tokens = {"prompt": mean("tokens_prompt") / batch, "policy_per_response": mean("tokens_policy") / batch,
+              "mixture_per_response": mean("tokens_mixture") / batch, "policy_decode_steps": mean("decode_steps_policy"), "mixture_decode_steps": mean("decode_steps_mixture")}
     return {"phases": {"generation": gen, "judge": judge, "learn": fwd + bwd + opt},
             "phases_detail": detail, "tokens_mean": tokens}
 
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=workdir,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
         max_new_tokens=args.max_new_tokens, temperature=1.0, beta=[0.1], mixture_coef=[0.5],
+        generation_kwargs={"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None,
         learning_rate=1e-5, max_grad_norm=1.0, gradient_checkpointing=args.gradient_checkpointing,
         use_cpu=True, bf16=False, fp16=False, seed=args.seed, data_seed=args.seed,
         train_sampling_strategy="sequential", dataloader_num_workers=0,
@@ -343,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "dtype": "float32",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
-        "batch_prompts": args.batch, "max_new_tokens": args.max_new_tokens,
+        "batch_prompts": args.batch, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
         "gradient_checkpointing": args.gradient_checkpointing,
         "warmup_steps": args.warmup_steps, "steps_measured": len(measured),
         "training_comparisons_per_step": args.batch,
