@@ -252,6 +252,14 @@ class JudgeClient:
             return [float(p) for p in probs]
         raise AssertionError("unreachable")
 
+    def service_stats(self) -> dict[str, float]:
+        """The service's own counters (:meth:`nlhf.judge.serve.JudgeService.stats`; ``busy_s``:
+        seconds spent judging inside the replicas); {} if the service does not answer."""
+        try:
+            return dict(self.handle.stats.remote().result(timeout_s=30))
+        except Exception:  # noqa: BLE001 - telemetry only
+            return {}
+
     def take_latency(self) -> float:
         """Mean latency (s) of the requests since the last call."""
         window, self._window = self._window, []

@@ -104,6 +104,7 @@ class JudgeStats:
             "mean_batch_pairs": self.batch_pairs / self.batches if self.batches else 0.0,
             "mean_latency_s": self.latency_sum / done if done else 0.0,
             "max_latency_s": self.latency_max,
+            "busy_s": self.latency_sum,
             "replicas": len(self.replicas),
         }
 
@@ -245,7 +246,8 @@ class JudgeService:
         """Service-wide counters since start (this replica's only when the shared actor is gone):
         ``requests`` (successful calls), ``pairs`` (judged pairs), ``errors`` (refused calls),
         ``truncations`` (pairs shortened to max_length), ``batches``, ``mean_batch_pairs``,
-        ``mean_latency_s`` / ``max_latency_s`` (per call, inside the replica, seconds), ``replicas``."""
+        ``mean_latency_s`` / ``max_latency_s`` (per call, inside the replica, seconds), ``busy_s`` (their
+        sum: the service's busy time), ``replicas``."""
         if self._stats_actor is not None:
             try:
                 return await self._stats_actor.snapshot.remote()

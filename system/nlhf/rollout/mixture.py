@@ -353,8 +353,10 @@ class MixtureWorker:
     def info(self) -> dict:
         """``{"pool", "dtype", "weight_version", "pid"}``, as :meth:`nlhf.rollout.worker.RolloutWorker.info`."""
         import os
+        import resource
 
-        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid()}
+        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid(),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).

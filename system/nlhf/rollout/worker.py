@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -268,8 +269,10 @@ class RolloutWorker:
         return self._weight_version
 
     def info(self) -> dict:
-        """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "pid"}``."""
-        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid()}
+        """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "pid", "peak_rss_gb"}`` (peak RSS of
+        this actor process, GiB)."""
+        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid(),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
