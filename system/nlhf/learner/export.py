@@ -20,7 +20,6 @@ in; a fresh learner built from the HF checkpoint folder (``LearnerWorker(cfg, ck
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -157,7 +156,7 @@ class ExportMixin:
                 else:
                     raise RuntimeError(f"optimiser state {k!r} of parameter {j} is a {type(v).__name__}")
         if self.anchor is not None:
-            for name, t in self.anchor.state_dict().items():
+            for name, t in self.anchor.named_parameters():  # tied weights once
                 sd[f"anchor.{name}"] = t.detach().cpu().contiguous()
         sd["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -229,7 +228,9 @@ class ExportMixin:
             if hasattr(self.engine, k):
                 setattr(self.engine, k, v)
         if self.anchor is not None:
-            self.anchor.load_state_dict({k[len("anchor."):]: v for k, v in sd.items() if k.startswith("anchor.")})
+            with torch.no_grad():
+                for name, t in self.anchor.named_parameters():
+                    t.copy_(sd[f"anchor.{name}"])
         torch.set_rng_state(sd["rng.cpu"])
         if "rng.cuda" in sd and self.device.type == "cuda":
             torch.cuda.set_rng_state(sd["rng.cuda"], self.device)
@@ -268,8 +269,3 @@ class ExportMixin:
         if self.device.type == "cuda":
             sd = {k: v.to(self.device) for k, v in sd.items()}
         return self._senders[name].send(sd, bucket_mb)
-
-
-def rank_folder(path: str | os.PathLike, rank: int) -> Path:
-    """Where rank ``rank``'s trainer state lives under ``path``."""
-    return Path(path) / f"rank{rank}"

@@ -154,7 +154,8 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         # Intra-op threads: as many as the CPUs this learner reserved. More threads than cores
         # (the default is every core of the machine) made a step up to 25x slower on a shared CPU.
         torch.set_num_threads(lc.torch_threads or max(1, int(lc.num_cpus)))
-        if not dist.is_initialized():
+        self._owns_process_group = not dist.is_initialized()  # else: someone else's (e.g. an in-process vLLM)
+        if self._owns_process_group:
             dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
                                     rank=rank, world_size=world_size)
         if not use_gpu and os.environ.get("NLHF_DS_SHM_COMM", "0") != "1":
@@ -411,8 +412,8 @@ class LearnerWorker(UpdateMixin, ExportMixin):
 
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
-        """Leave the process group, drop a pending snapshot and release the ZeRO-3
-        from_pretrained hook (idempotent)."""
+        """Leave the process group (when this worker created it), drop a pending snapshot and
+        release the ZeRO-3 from_pretrained hook (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -430,7 +431,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         import deepspeed.comm as ds_comm
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and self._owns_process_group:
             if ds_comm.is_initialized():
                 ds_comm.destroy_process_group()  # also drops DeepSpeed's cached sub-groups
             else:
