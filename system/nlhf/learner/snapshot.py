@@ -221,10 +221,10 @@ def adamw_preview_(optimizer: torch.optim.Optimizer, max_norm: float | None) -> 
         the pre-clip global gradient norm (``inf``-norm clipping is not supported).
 
     Raises:
-        ValueError: the optimiser is not torch.optim.AdamW.
+        TypeError: the optimiser is not torch.optim.AdamW.
     """
     if not isinstance(optimizer, torch.optim.AdamW):
-        raise ValueError(f"adamw_preview_ needs torch.optim.AdamW, got {type(optimizer).__name__}")
+        raise TypeError(f"adamw_preview_ needs torch.optim.AdamW, got {type(optimizer).__name__}")
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
     for group in optimizer.param_groups:

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -152,10 +152,10 @@ class UpdateMixin:
         pref = torch.tensor(batch.preference, dtype=torch.float32, device=self.device)
         needs_partner = alg.name in ("online-ipo", "egpo") or (alg.name == "nash-mp" and alg.estimator == "regression")
         if needs_partner and not batch.partner:
-            what = f"nash-mp with estimator 'regression'" if alg.name == "nash-mp" else alg.name
+            what = "nash-mp with estimator 'regression'" if alg.name == "nash-mp" else alg.name
             raise ValueError(f"StepBatch.partner is empty: {what} needs pair partners (see nlhf.algorithms.pairing)")
         partner = torch.tensor(batch.partner, dtype=torch.long, device=self.device) if batch.partner else None
-        common = dict(logp_ref=start.logp_ref, preference=pref, beta=alg.beta, sample_weight=weight)
+        common = {"logp_ref": start.logp_ref, "preference": pref, "beta": alg.beta, "sample_weight": weight}
         if alg.name == "nash-mp":
             return lambda lp: L.proximal_loss(alg.estimator, logp=lp, logp_anchor=start.logp_anchor,
                                               logp_sampler=start.logp_s, pair_index=partner, eta=alg.eta,
@@ -178,7 +178,7 @@ class UpdateMixin:
 
     # ------------------------------------------------------------------ the update
     def _grad_norm(self) -> float:
-        from nlhf.learner.worker import clips_itself
+        from nlhf.learner.engine import clips_itself
 
         gn = self._last_grad_norm if clips_itself(self.cfg) else self.engine.get_global_grad_norm()
         return float(gn) if gn is not None else float("nan")
