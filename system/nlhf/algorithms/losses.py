@@ -20,6 +20,11 @@ Conventions shared by all functions
                   the caller's business: pi_k, pi_{k+1/2}, the geometric mixture, ...).
 ``pair_index``    integer tensor ``(B,)``; sample ``i`` is paired with ``pair_index[i]`` in the
                   same batch (which should share the prompt ``x_i``).
+``sample_weight`` optional ``(B,)`` non-negative, detached weight of each sample's term in the
+                  batch mean (e.g. the learner's truncated correction ``min(pi_k/pi_engine, cap)``
+                  of the engine-learner gap); a pair term ``(i, pair_index[i])`` is weighted by
+                  ``sample_weight[i] * sample_weight[pair_index[i]]`` (the pair's joint density
+                  ratio). None: all 1.
 
 All reference/anchor/sampler log-probabilities and preferences are detached inside; passing
 tensors that require grad is fine.  Every loss is a scalar to *minimise*.  Invalid inputs
@@ -134,6 +139,17 @@ def _check_clip(clip: object) -> float | None:
     return _check_positive("clip", clip)
 
 
+def _check_sample_weight(sample_weight: object, batch: int) -> torch.Tensor | None:
+    if sample_weight is None:
+        return None
+    w = _check_logp("sample_weight", sample_weight, batch).detach()
+    bad = w < 0
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sample_weight must be >= 0, got sample_weight[{i}] = {float(w[i])}")
+    return w
+
+
 def _same_device(logp: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != logp.device:
@@ -144,13 +160,14 @@ def _same_device(logp: torch.Tensor, **others: torch.Tensor) -> None:
 
 
 def _clipped_pg(
-    logp: torch.Tensor, logp_sampler: torch.Tensor, weight: torch.Tensor, clip: float | None
+    logp: torch.Tensor, logp_sampler: torch.Tensor, weight: torch.Tensor, clip: float | None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Importance-weighted REINFORCE surrogate with a PPO-style pessimistic clip.
 
     ``weight`` is detached.  With ``rho = pi_theta / mu`` the per-sample objective is
     ``min(rho * w, clip(rho, 1 - clip, 1 + clip) * w)`` (``rho * w`` when ``clip`` is None);
-    the loss is minus its batch mean.  Its gradient is ``-mean(w * rho * grad log pi_theta)``
+    the loss is minus its batch mean (each term times ``sample_weight`` when given).  Its gradient is ``-mean(w * rho * grad log pi_theta)``
     over the samples whose clipped branch is not selected, zero for the others.
     """
     log_rho = (logp - logp_sampler).clamp(max=LOG_RATIO_CAP)
@@ -165,7 +182,7 @@ def _clipped_pg(
         objective = torch.minimum(unclipped, clipped)
         # The clipped branch is the one taken (and has no gradient) when it is strictly lower.
         clipped_mask = (clipped < unclipped).detach()
-    loss = -objective.mean()
+    loss = -(objective if sample_weight is None else objective * sample_weight).mean()
     with torch.no_grad():
         r = rho.detach()
         metrics = {
@@ -191,9 +208,13 @@ def _pg_weight(
     return w.detach()
 
 
-def _pair_regression(h_theta: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _pair_regression(h_theta: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
+                     pair_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     residual = h_theta - target.detach()
-    loss = residual.pow(2).mean()
+    sq = residual.pow(2)
+    if sample_weight is not None:
+        sq = sq * (sample_weight * sample_weight[pair_index])
+    loss = sq.mean()
     with torch.no_grad():
         metrics = {
             "target_mean": float(target.mean()),
@@ -232,6 +253,7 @@ def proximal_pg_loss(
     beta: float,
     eta: float,
     clip: float | None = 0.2,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Policy-gradient estimator of one Nash-MP proximal step (Nash-MD-PG style, 1/2 baseline).
 
@@ -266,6 +288,7 @@ def proximal_pg_loss(
         eta: proximal step size, > 0 (the anchor KL is weighted by beta/eta).
         clip: PPO clip range epsilon > 0 (ratios clipped to [max(1 - clip, 0), 1 + clip]), or None
             for plain importance weighting.
+        sample_weight: optional (B,) detached weights >= 0 of the samples' terms.
 
     Returns:
         LossOutput; metrics ``loss, pg_weight_mean, pg_weight_std, preference_mean, kl_ref,
@@ -282,6 +305,7 @@ def proximal_pg_loss(
     logp_anchor = _check_logp("logp_anchor", logp_anchor, batch).detach()
     logp_sampler = _check_logp("logp_sampler", logp_sampler, batch).detach()
     preference = _check_preference(preference, batch)
+    sample_weight = _check_sample_weight(sample_weight, batch)
     _same_device(logp, logp_ref=logp_ref, logp_anchor=logp_anchor, logp_sampler=logp_sampler, preference=preference)
     beta = _check_positive("beta", beta)
     eta = _check_positive("eta", eta)
@@ -291,7 +315,7 @@ def proximal_pg_loss(
         log_ratio_ref = logp.detach() - logp_ref
         log_ratio_anchor = logp.detach() - logp_anchor
         w = _pg_weight(preference, log_ratio_ref, log_ratio_anchor, beta, eta)
-    loss, metrics = _clipped_pg(logp, logp_sampler, w, clip)
+    loss, metrics = _clipped_pg(logp, logp_sampler, w, clip, sample_weight)
     return LossOutput(loss, _pg_metrics(loss, w, preference, log_ratio_ref, log_ratio_anchor, metrics))
 
 
@@ -304,6 +328,7 @@ def proximal_regression_loss(
     *,
     beta: float,
     eta: float,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Regression (IPO/EGPO-style) estimator of one Nash-MP proximal step.
 
@@ -330,6 +355,8 @@ def proximal_regression_loss(
         preference: (B,) P(y_i > y'_i | x_i) in [0, 1] against an opponent sample.
         pair_index: (B,) integer tensor, partner of each sample in the batch (same prompt).
         beta: > 0.  eta: > 0.
+        sample_weight: optional (B,) detached weights >= 0; pair term i is weighted by
+            ``sample_weight[i] * sample_weight[pair_index[i]]``.
 
     Returns:
         LossOutput; metrics ``loss, target_mean, target_abs_mean, h_abs_mean, residual_rms,
@@ -344,6 +371,7 @@ def proximal_regression_loss(
     logp_anchor = _check_logp("logp_anchor", logp_anchor, batch).detach()
     preference = _check_preference(preference, batch)
     pair_index = _check_pair_index(pair_index, batch)
+    sample_weight = _check_sample_weight(sample_weight, batch)
     _same_device(logp, logp_ref=logp_ref, logp_anchor=logp_anchor, preference=preference, pair_index=pair_index)
     beta = _check_positive("beta", beta)
     eta = _check_positive("eta", eta)
@@ -355,7 +383,7 @@ def proximal_regression_loss(
         h_ref = logp_ref - logp_ref[j]
         gap = preference - preference[j]
         target = (h_anchor + eta * h_ref + (eta / beta) * gap) / (1.0 + eta)
-    loss, metrics = _pair_regression(h_theta, target)
+    loss, metrics = _pair_regression(h_theta, target, sample_weight, pair_index)
     with torch.no_grad():
         metrics = {
             "loss": float(loss.detach()),
@@ -379,12 +407,14 @@ def proximal_loss(
     beta: float,
     eta: float,
     clip: float | None = 0.2,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Loss of one Nash-MP proximal step with the chosen estimator (the learner's entry point).
 
     ``"pg"`` calls :func:`proximal_pg_loss` (needs ``logp_sampler``; ``pair_index`` ignored),
     ``"regression"`` calls :func:`proximal_regression_loss` (needs ``pair_index``;
-    ``logp_sampler`` and ``clip`` ignored).  All tensors are (B,); see those functions.
+    ``logp_sampler`` and ``clip`` ignored).  All tensors are (B,); see those functions
+    (``sample_weight`` is passed to either).
 
     Raises:
         ValueError: unknown ``estimator``, a required tensor is None, or invalid inputs.
@@ -393,12 +423,14 @@ def proximal_loss(
         if logp_sampler is None:
             raise ValueError("logp_sampler is required for estimator='pg', got None")
         return proximal_pg_loss(
-            logp, logp_ref, logp_anchor, logp_sampler, preference, beta=beta, eta=eta, clip=clip
+            logp, logp_ref, logp_anchor, logp_sampler, preference, beta=beta, eta=eta, clip=clip,
+            sample_weight=sample_weight,
         )
     if estimator == "regression":
         if pair_index is None:
             raise ValueError("pair_index is required for estimator='regression', got None")
-        return proximal_regression_loss(logp, logp_ref, logp_anchor, preference, pair_index, beta=beta, eta=eta)
+        return proximal_regression_loss(logp, logp_ref, logp_anchor, preference, pair_index, beta=beta, eta=eta,
+                                        sample_weight=sample_weight)
     raise ValueError(f"estimator must be 'pg' or 'regression', got {estimator!r}")
 
 
@@ -406,7 +438,8 @@ def proximal_loss(
 
 
 def _reference_pair_regression(logp: torch.Tensor, logp_ref: torch.Tensor, preference: torch.Tensor,
-                               pair_index: torch.Tensor, beta: float, *, against_opponent: bool) -> LossOutput:
+                               pair_index: torch.Tensor, beta: float, *, against_opponent: bool,
+                               sample_weight: torch.Tensor | None = None) -> LossOutput:
     """Shared body of :func:`online_ipo_loss` (``against_opponent=False``: target
     ``(preference[i] - 1/2)/beta``) and :func:`egpo_loss` (``True``: target
     ``(preference[i] - preference[j])/beta``); regresses the reference-relative log-ratio of
@@ -416,13 +449,14 @@ def _reference_pair_regression(logp: torch.Tensor, logp_ref: torch.Tensor, prefe
     logp_ref = _check_logp("logp_ref", logp_ref, batch).detach()
     preference = _check_preference(preference, batch)
     pair_index = _check_pair_index(pair_index, batch)
+    sample_weight = _check_sample_weight(sample_weight, batch)
     _same_device(logp, logp_ref=logp_ref, preference=preference, pair_index=pair_index)
     beta = _check_positive("beta", beta)
 
     j = pair_index
     h = (logp - logp[j]) - (logp_ref - logp_ref[j])
     target = ((preference - preference[j]) if against_opponent else (preference - 0.5)) / beta
-    loss, metrics = _pair_regression(h, target)
+    loss, metrics = _pair_regression(h, target, sample_weight, pair_index)
     metrics = {
         "loss": float(loss.detach()),
         **metrics,
@@ -439,6 +473,7 @@ def online_ipo_loss(
     pair_index: torch.Tensor,
     *,
     beta: float,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Online IPO (Calandriello et al., arXiv:2403.08635) on pairs sampled from the current policy.
 
@@ -458,6 +493,8 @@ def online_ipo_loss(
         logp: (B,) log pi_theta(y|x), requires grad.  logp_ref: (B,).
         preference: (B,) P(y_i > y_{pair_index[i]}) in [0, 1].
         pair_index: (B,) integer partner indices.  beta: > 0.
+        sample_weight: optional (B,) detached weights >= 0 (pair term i weighted by
+            ``sample_weight[i] * sample_weight[pair_index[i]]``).
 
     Returns:
         LossOutput; metrics ``loss, target_mean, target_abs_mean, h_abs_mean, residual_rms,
@@ -466,7 +503,8 @@ def online_ipo_loss(
     Raises:
         ValueError: on invalid inputs.
     """
-    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=False)
+    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=False,
+                                      sample_weight=sample_weight)
 
 
 def egpo_loss(
@@ -476,6 +514,7 @@ def egpo_loss(
     pair_index: torch.Tensor,
     *,
     beta: float,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """EGPO's online-IPO loss (Zhou, Fazel, Du, arXiv:2503.08942), evaluated at either
     extragradient point.
@@ -496,7 +535,8 @@ def egpo_loss(
     Args / Returns / Raises: as :func:`online_ipo_loss`, except ``preference`` is against an
     opponent sample, not the partner.
     """
-    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=True)
+    return _reference_pair_regression(logp, logp_ref, preference, pair_index, beta, against_opponent=True,
+                                      sample_weight=sample_weight)
 
 
 def nash_md_pg_loss(
@@ -507,6 +547,7 @@ def nash_md_pg_loss(
     *,
     beta: float,
     clip: float | None = 0.2,
+    sample_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Nash-MD-PG (Munos et al., arXiv:2312.00886): REINFORCE with the 1/2 baseline and KL to ref.
 
@@ -523,6 +564,7 @@ def nash_md_pg_loss(
     Args:
         logp, logp_ref, logp_sampler, preference: (B,) as in :func:`proximal_pg_loss`.
         beta: > 0.  clip: epsilon > 0 or None.
+        sample_weight: optional (B,) detached weights >= 0 of the samples' terms.
 
     Returns:
         LossOutput; metrics ``loss, pg_weight_mean, pg_weight_std, preference_mean, kl_ref,
@@ -536,6 +578,7 @@ def nash_md_pg_loss(
     logp_ref = _check_logp("logp_ref", logp_ref, batch).detach()
     logp_sampler = _check_logp("logp_sampler", logp_sampler, batch).detach()
     preference = _check_preference(preference, batch)
+    sample_weight = _check_sample_weight(sample_weight, batch)
     _same_device(logp, logp_ref=logp_ref, logp_sampler=logp_sampler, preference=preference)
     beta = _check_positive("beta", beta)
     clip = _check_clip(clip)
@@ -543,7 +586,7 @@ def nash_md_pg_loss(
     with torch.no_grad():
         log_ratio_ref = logp.detach() - logp_ref
         w = _pg_weight(preference, log_ratio_ref, None, beta, None)
-    loss, metrics = _clipped_pg(logp, logp_sampler, w, clip)
+    loss, metrics = _clipped_pg(logp, logp_sampler, w, clip, sample_weight)
     return LossOutput(loss, _pg_metrics(loss, w, preference, log_ratio_ref, None, metrics))
 
 

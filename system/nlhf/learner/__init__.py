@@ -1,11 +1,17 @@
-"""The DeepSpeed learner: sequence log-probs, the Nash-MP half/full step, checkpoints, and the
-Ray group of learner ranks.
+"""The DeepSpeed learner and the Ray group of learner ranks.
+
+Modules: :mod:`~nlhf.learner.logprobs` (sequence and per-token log-probs, exact KL to the
+reference), :mod:`~nlhf.learner.update` (scoring at theta_k, inner steps, post-step metrics),
+:mod:`~nlhf.learner.snapshot` (theta_k kept in memory or on disk, restored bit for bit),
+:mod:`~nlhf.learner.export` (weights for the engines, HF checkpoints, trainer state),
+:mod:`~nlhf.learner.worker` (one rank: the algorithms' operations), :mod:`~nlhf.learner.group`
+(the Ray group), :mod:`~nlhf.learner.memory` (peak RSS measurement).
 
 ``LearnerWorker`` and ``LearnerGroup`` are imported lazily (DeepSpeed and Ray are heavy)."""
 
-from nlhf.learner.logprobs import sequence_logprobs
+from nlhf.learner.logprobs import score_rollouts, sequence_logprobs
 
-__all__ = ["LearnerGroup", "LearnerWorker", "sequence_logprobs"]
+__all__ = ["LearnerGroup", "LearnerWorker", "score_rollouts", "sequence_logprobs"]
 
 
 def __getattr__(name: str):

@@ -83,7 +83,9 @@ class LearnerGroup:
             options: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus,
                                        "runtime_env": {"env_vars": env_vars}}
             if placement_group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+                from ray.util.scheduling_strategies import (
+                    PlacementGroupSchedulingStrategy,
+                )
 
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=rank)
@@ -120,27 +122,28 @@ class LearnerGroup:
         return self._all(method, ref)[0]
 
     def half_step(self, batch: StepBatch) -> dict[str, float]:
-        """:meth:`LearnerWorker.half_step` on all ranks (same batch); rank 0's metrics."""
+        """:meth:`LearnerWorker.half_step` on all ranks (same batch); rank 0's metrics (nash-mp, egpo)."""
         return self._batch_call("half_step", batch)
 
     def full_step(self, batch: StepBatch) -> dict[str, float]:
-        """:meth:`LearnerWorker.full_step` on all ranks (same batch); rank 0's metrics."""
+        """:meth:`LearnerWorker.full_step` on all ranks (same batch); rank 0's metrics (nash-mp, egpo)."""
         return self._batch_call("full_step", batch)
 
-    def omd_step(self, batch: StepBatch) -> dict[str, float]:
-        """:meth:`LearnerWorker.omd_step` on all ranks (same batch); rank 0's metrics."""
-        return self._batch_call("omd_step", batch)
+    def step(self, batch: StepBatch) -> dict[str, float]:
+        """:meth:`LearnerWorker.step` on all ranks (same batch); rank 0's metrics (online-ipo, nash-md-pg)."""
+        return self._batch_call("step", batch)
 
-    def state_dict_bytes(self) -> bytes:
-        """Rank 0's gathered policy weights as safetensors bytes (fetched to the caller)."""
-        return self._all("state_dict_bytes")[0]
+    def state_dict_bytes(self, dtype: str) -> bytes:
+        """Rank 0's gathered policy weights as safetensors bytes cast to the engines' ``dtype``
+        (``"float32"``/``"bfloat16"``), fetched to the caller."""
+        return self._all("state_dict_bytes", dtype)[0]
 
-    def state_dict_ref(self) -> Any:
+    def state_dict_ref(self, dtype: str) -> Any:
         """Like :meth:`state_dict_bytes` but returns the ObjectRef of rank 0's bytes (not fetched),
         once every rank has finished the gather; hand it to rollout workers directly."""
         import ray
 
-        refs = [w.state_dict_bytes.remote() for w in self.workers]
+        refs = [w.state_dict_bytes.remote(dtype) for w in self.workers]
         pending = list(refs)
         while pending:  # wait for all without fetching rank 0's bytes; raise on the first failure
             done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
@@ -152,12 +155,27 @@ class LearnerGroup:
         """HF checkpoint of the policy at ``path`` (written by rank 0; see :meth:`LearnerWorker.save_checkpoint`)."""
         self._all("save_checkpoint", path)
 
+    def save_trainer_state(self, path: str) -> None:
+        """Every rank writes its trainer state under ``path/rank{r}/`` (:meth:`LearnerWorker.save_trainer_state`)."""
+        self._all("save_trainer_state", path)
+
+    def load_trainer_state(self, path: str) -> None:
+        """Every rank loads its trainer state from ``path/rank{r}/`` (:meth:`LearnerWorker.load_trainer_state`)."""
+        self._all("load_trainer_state", path)
+
     def sequence_logprobs(self, rollouts: list[Rollout],
                           which: Literal["policy", "reference", "anchor"] = "policy") -> list[float]:
         """Rank 0's :meth:`LearnerWorker.sequence_logprobs` (all ranks run it: ZeRO-3 is collective)."""
         import ray
 
         return self._all("sequence_logprobs", ray.put(rollouts), which)[0]
+
+    def token_logprobs(self, rollouts: list[Rollout],
+                       which: Literal["policy", "reference", "anchor"] = "policy") -> list[list[float]]:
+        """Rank 0's :meth:`LearnerWorker.token_logprobs` (all ranks run it: ZeRO-3 is collective)."""
+        import ray
+
+        return self._all("token_logprobs", ray.put(rollouts), which)[0]
 
     def init_weight_sender(self, name: str, master_addr: str, master_port: int, world_size: int) -> None:
         """Rank 0 joins weight-sync group ``name`` as sender (blocks until the receivers join)."""

@@ -1,14 +1,27 @@
-"""Sequence log-probabilities log pi(y | x) = sum_t log pi(y_t | x, y_<t) of rollouts under a causal LM.
+"""Log-probabilities of rollouts under a causal LM, per token and per sequence, and the exact
+per-token KL to a reference model at the sampled positions.
 
 Responses are scored exactly as the rollout pool sampled them: the chat-templated prompt ids
 followed by the response ids, right-padded into micro-batches; only response positions count.
 In game mode the pool samples among a fixed set of action tokens only, so the (single)
 response token is scored under the softmax restricted to those tokens and renormalised.
+
+Two entry points:
+
+- :func:`sequence_logprobs`: ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)``, differentiable
+  (the learner's gradient pass);
+- :func:`score_rollouts`: no-grad scoring pass that returns, per rollout, the sequence
+  log-prob, the per-token log-probs and, fused with a reference model in the same
+  micro-batch loop, ``log pi_ref(y|x)`` and the exact KL
+  ``sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t))`` over the vocabulary (or the action set).
+  Logits are materialised ``chunk_tokens`` response positions at a time, so memory stays
+  bounded by ``chunk_tokens x V`` floats per model whatever the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -66,31 +79,44 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-def _response_logprobs(split: tuple[torch.nn.Module, torch.nn.Module], input_ids: torch.Tensor,
-                       attention: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                       actions: torch.Tensor | None) -> torch.Tensor:
-    """Per-row sum of response-token log-probs, applying the LM head only where a response
-    token is predicted: (M, H) @ (H, V) for the M response tokens of the micro-batch instead of
-    (N, T, H) @ (H, V) for every position (most positions are prompt or padding)."""
-    decoder, head = split
-    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
-    rows, cols = mask.nonzero(as_tuple=True)  # the M positions that predict a response token
-    h = hidden[rows, cols]  # (M, H)
-    tgt = targets[rows, cols]  # (M,)
-    if actions is None:
-        logits = head(h).float()  # (M, V)
-        tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    else:  # game mode: one response token per row, scored under the softmax restricted to the actions
+def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                     mask: torch.Tensor, actions: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, Callable[[int, int], torch.Tensor]]:
+    """One forward pass of ``model`` over a micro-batch.
+
+    Returns ``(rows, logits_of)``: ``rows`` (M,) is the micro-batch row of each of the M
+    positions that predict a response token (row-major order, so each row's tokens are in
+    order), and ``logits_of(s, e)`` gives the logits of positions ``s:e`` as a (e-s, V) tensor,
+    or (e-s, A) restricted to ``actions`` in game mode. Where the model splits into decoder and
+    head, the head runs only on the requested positions; otherwise the full (N, T, V) logits
+    of the forward are indexed.
+    """
+    rows, cols = mask.nonzero(as_tuple=True)
+    split = _decoder_and_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
+        h = hidden[rows, cols]  # (M, H)
         weight = getattr(head, "weight", None)
-        if isinstance(head, torch.nn.Linear) and weight is not None and not hasattr(weight, "ds_id"):
-            bias = None if head.bias is None else head.bias[actions]
-            sub_logits = torch.nn.functional.linear(h, weight[actions], bias)  # (M, A): only the action rows
-        else:  # a head that is not a plain Linear: full logits, then the action columns
-            sub_logits = head(h)[:, actions]
-        sub = sub_logits.float().log_softmax(-1)  # (M, A)
-        which = (tgt.unsqueeze(-1) == actions).float().argmax(-1)
-        tok = sub[torch.arange(len(tgt), device=tgt.device), which]
-    return torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+        if actions is not None and isinstance(head, torch.nn.Linear) and weight is not None:
+            w_a = weight[actions]  # (A, H): only the action rows of the head
+            b_a = None if head.bias is None else head.bias[actions]
+            return rows, lambda s, e: torch.nn.functional.linear(h[s:e], w_a, b_a)
+        if actions is not None:
+            return rows, lambda s, e: head(h[s:e])[:, actions]
+        return rows, lambda s, e: head(h[s:e])
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # (N, T-1, V)
+    sel = logits[rows, cols]  # (M, V)
+    if actions is not None:
+        sel = sel[:, actions]
+    return rows, lambda s, e: sel[s:e]
+
+
+def _target_index(tgt: torch.Tensor, actions: torch.Tensor | None) -> torch.Tensor:
+    """Column of each target token in the logits: the token id, or its index among the actions."""
+    if actions is None:
+        return tgt
+    return (tgt.unsqueeze(-1) == actions).float().argmax(-1)
 
 
 def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
@@ -121,28 +147,106 @@ def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro
     _check(rollouts, action_token_ids)
     device = next(iter(model.parameters())).device
     actions = None if action_token_ids is None else torch.tensor(list(action_token_ids), dtype=torch.long, device=device)
-    split = _decoder_and_head(model)
     out = []
     for start in range(0, len(rollouts), micro_batch_size):
         chunk = rollouts[start:start + micro_batch_size]
         input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
-        if split is not None:
-            out.append(_response_logprobs(split, input_ids, attention, targets, mask, actions))
-            continue
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # (N, T-1, V)
-        if actions is None:
-            # logp(target) = logit[target] - logsumexp(logits), in float32, without a (N, T, V) float copy
-            # surviving beyond this expression.
-            logits = logits.float()
-            tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            out.append((tok * mask).sum(-1))
-        else:
-            # one response token at the single masked position of each row
-            pos = mask.float().argmax(-1)  # (N,)
-            rows = torch.arange(len(chunk), device=device)
-            sub = logits[rows, pos][:, actions].float().log_softmax(-1)  # (N, A)
-            which = (targets[rows, pos].unsqueeze(-1) == actions).float().argmax(-1)  # index into actions
-            out.append(sub[rows, which])
+        rows, logits_of = _response_logits(model, input_ids, attention, mask, actions)
+        logits = logits_of(0, len(rows)).float()  # (M, V) or (M, A)
+        tgt = _target_index(targets[mask], actions)
+        tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+        out.append(torch.zeros(len(chunk), dtype=tok.dtype, device=device).index_add(0, rows, tok))
     if not out:
         return torch.zeros(0, device=device)
     return torch.cat(out)
+
+
+@dataclass
+class Scores:
+    """What one scoring pass over B rollouts returns (all float32, on the policy's device).
+
+    Attributes:
+        logp: (B,) log pi(y_i|x_i), nats, summed over response tokens.
+        token_logp: B tensors, ``token_logp[i]`` of shape (L_i,): log pi(y_{i,t} | x_i, y_{i,<t}).
+        logp_ref: (B,) log pi_ref(y_i|x_i), or None without a reference model.
+        kl_ref: (B,) ``sum_t KL(pi(.|x_i, y_{i,<t}) || pi_ref(.|x_i, y_{i,<t}))`` (exact over the
+            vocabulary, or over the actions in game mode; >= 0), or None without a reference.
+    """
+
+    logp: torch.Tensor
+    token_logp: list[torch.Tensor]
+    logp_ref: torch.Tensor | None = None
+    kl_ref: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
+                   action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
+                   reference: torch.nn.Module | None = None, chunk_tokens: int = 64) -> Scores:
+    """No-grad scoring pass: sequence and per-token log-probs under ``model`` and, when
+    ``reference`` is given, ``log pi_ref`` and the exact per-token KL(pi || pi_ref), fused in one
+    micro-batch loop (each micro-batch runs both forwards, then both sets of logits are reduced
+    ``chunk_tokens`` positions at a time).
+
+    Args:
+        model: the policy (an HF causal LM or a DeepSpeed engine's module).
+        rollouts: B rollouts (see :func:`sequence_logprobs`).
+        micro_batch_size: rollouts per forward pass, >= 1.
+        action_token_ids: game mode action tokens (softmaxes restricted to them).
+        pad_token_id: padding id.
+        reference: frozen reference model pi_ref (any dtype; log-softmax in float32), or None.
+        chunk_tokens: response positions whose (chunk, V) logits are alive at once, >= 1.
+
+    Returns:
+        :class:`Scores`.
+
+    Raises:
+        ValueError: as :func:`sequence_logprobs`, or ``chunk_tokens < 1``.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check(rollouts, action_token_ids)
+    device = next(iter(model.parameters())).device
+    actions = None if action_token_ids is None else torch.tensor(list(action_token_ids), dtype=torch.long, device=device)
+    logps, refs, kls, tokens = [], [], [], []
+    for start in range(0, len(rollouts), micro_batch_size):
+        chunk = rollouts[start:start + micro_batch_size]
+        input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
+        tgt = _target_index(targets[mask], actions)
+        rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
+        ref_of = None
+        if reference is not None:
+            _, ref_of = _response_logits(reference, input_ids.to(_device_of(reference)),
+                                         attention.to(_device_of(reference)), mask.to(_device_of(reference)),
+                                         None if actions is None else actions.to(_device_of(reference)))
+        tok = torch.empty(len(rows), dtype=torch.float32, device=device)
+        tok_ref = torch.empty_like(tok)
+        kl = torch.empty_like(tok)
+        for s in range(0, len(rows), chunk_tokens):
+            e = min(s + chunk_tokens, len(rows))
+            lp = pol_of(s, e).float().log_softmax(-1)  # (c, V)
+            idx = tgt[s:e].unsqueeze(-1)
+            tok[s:e] = lp.gather(-1, idx).squeeze(-1)
+            if ref_of is not None:
+                lr = ref_of(s, e).float().to(device).log_softmax(-1)
+                tok_ref[s:e] = lr.gather(-1, idx).squeeze(-1)
+                # exact KL(pi || pi_ref) of each position's next-token distribution; clamp: rounding only
+                kl[s:e] = (lp.exp() * (lp - lr)).sum(-1).clamp(min=0.0)
+                del lr
+            del lp
+        n = len(chunk)
+        logps.append(torch.zeros(n, device=device).index_add(0, rows, tok))
+        counts = [len(r.response_token_ids) for r in chunk]
+        tokens.extend(torch.split(tok, counts))
+        if reference is not None:
+            refs.append(torch.zeros(n, device=device).index_add(0, rows, tok_ref))
+            kls.append(torch.zeros(n, device=device).index_add(0, rows, kl))
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, device=device))
+    return Scores(cat(logps), list(tokens), cat(refs) if reference is not None else None,
+                  cat(kls) if reference is not None else None)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device

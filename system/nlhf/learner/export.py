@@ -1,0 +1,310 @@
+"""What leaves the learner: weights for the rollout engines, HF checkpoints, and the trainer
+state that makes a resumed run continue bit for bit.
+
+Trainer state (``save_trainer_state(path)``), one folder per rank ``path/rank{r}/``:
+
+- ``state.safetensors``: every tensor that defines theta (module weights or their ZeRO-3
+  partitions, optimiser master weights; see :func:`nlhf.learner.snapshot.state_tensors`) as
+  ``theta.{i}``, the AdamW state of master parameter j as ``opt.{j}.{key}``, the EMA anchor's
+  weights as ``anchor.{name}`` (EMA mode), torch's CPU RNG state as ``rng.cpu`` (and
+  ``rng.cuda`` on GPU);
+- ``state.json``: the scalars: optimiser param-group hyper-parameters, DeepSpeed's loss-scaler
+  fields and step counters, the layout (tensor count and shapes) to check against on load.
+
+Nothing is pickled, so loading needs no ``torch.load`` at all. The module weights are stored
+in the trainer state too, so the resume is exact whatever dtype the HF checkpoint was written
+in; a fresh learner built from the HF checkpoint folder (``LearnerWorker(cfg, ckpt, ref)``) then
+``load_trainer_state(path)`` is the resume recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_NAME = "model.safetensors"
+_JSONABLE = (bool, int, float, str, type(None))
+
+
+def _jsonable(value: object) -> bool:
+    if isinstance(value, _JSONABLE):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
+    return False
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def safetensors_bytes(named: list[tuple[str, torch.Tensor]], *, cast_to: torch.dtype | None = None,
+                      metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise ``(name, tensor)`` pairs in the safetensors format (8-byte little-endian header
+    length, JSON header with dtype / shape / data offsets, space-padded to 8 bytes, then the raw
+    little-endian data), floating-point tensors cast to ``cast_to`` one at a time, written
+    straight into one growing buffer whose bytes are returned without a further copy.
+    ``safetensors.torch.load`` reads the result.
+
+    Raises:
+        ValueError: a duplicate name or a dtype safetensors has no code for.
+    """
+    import io
+    import struct
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, t in named:
+        dt = cast_to if (cast_to is not None and t.is_floating_point()) else t.dtype
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code")
+        if name in header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        size = t.numel() * torch.empty((), dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    buf = io.BytesIO()
+    buf.write(struct.pack("<Q", len(head)))
+    buf.write(head)
+    for _, t in named:
+        t = t.detach()
+        if cast_to is not None and t.is_floating_point() and t.dtype != cast_to:
+            t = t.to(device="cpu", dtype=cast_to)
+        t = t.to("cpu").contiguous()
+        if t.numel():
+            buf.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    out = buf.getvalue()  # CPython hands over its internal bytes object (no copy)
+    if len(out) != 8 + len(head) + offset:
+        raise RuntimeError("safetensors_bytes: payload size mismatch")
+    return out
+
+
+class ExportMixin:
+    """Weight export, checkpoints and trainer state of :class:`nlhf.learner.worker.LearnerWorker`."""
+
+    # ------------------------------------------------------------------ weights for the engines
+    @torch.no_grad()
+    def gathered_state_dict(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+        """The policy's full state dict with HF names, on CPU, in the training dtype (collective).
+
+        Tied weights appear once (``lm_head.weight`` is left out when tied to the embeddings, as
+        ``save_pretrained`` does). Rank 0 gets the dict (copies); other ranks take part in the
+        ZeRO-3 gather and get None, unless ``all_ranks`` (then every rank returns its copy).
+        """
+        out: dict[str, torch.Tensor] = {}
+        mine = self.rank == 0 or all_ranks
+        with self._gathered():
+            if mine:
+                for name, t in self._named_weights():
+                    out[name] = t.detach().to("cpu", copy=True).contiguous()
+        return out if mine else None
+
+    def _named_weights(self):
+        """(HF name, tensor) of every parameter (tied ones once) and persistent buffer; call inside ``_gathered``."""
+        module = self.engine.module
+        keys = set(module.state_dict().keys())
+        yield from module.named_parameters()  # removes duplicates (tied weights)
+        for name, b in module.named_buffers():
+            if name in keys:
+                yield name, b
+
+    def state_dict_bytes(self, dtype: str) -> bytes | None:
+        """The policy's weights as safetensors bytes for a rollout engine of dtype ``dtype``
+        (``"float32"`` or ``"bfloat16"``: the pool's resolved dtype, see
+        :func:`nlhf.hardware.resolve_dtype`); floating-point tensors are cast to it here, since the
+        engine would cast on load anyway. Rank 0 gets the bytes, other ranks None. Collective.
+
+        Memory: the payload is written tensor by tensor into one buffer (:func:`safetensors_bytes`),
+        so the only extra memory is the returned bytes plus one cast tensor at a time.
+        (``safetensors.torch.save`` peaked at twice the payload: 0.98 GB for 0.5 GB.)
+
+        Raises:
+            ValueError: an unknown ``dtype``.
+        """
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
+        target = getattr(torch, dtype)
+        with torch.no_grad(), self._gathered():
+            if self.rank != 0:
+                return None
+            named = list(self._named_weights())
+            return safetensors_bytes(named, cast_to=target, metadata={"format": "pt"})
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write the policy as an HF folder (``config.json``, ``model.safetensors``, generation
+        config, tokenizer of ``policy_path``) that transformers and vLLM load. Collective; rank 0 writes."""
+        sd = self.gathered_state_dict()
+        if self.rank == 0:
+            from safetensors.torch import save_file
+            from transformers import AutoTokenizer
+
+            out = Path(path)
+            out.mkdir(parents=True, exist_ok=True)
+            config = self.engine.module.config
+            config.dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float32"
+            config.save_pretrained(out)
+            gen = getattr(self.engine.module, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(out)
+            save_file(sd, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
+            AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(out)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ------------------------------------------------------------------ trainer state (resume)
+    def save_trainer_state(self, path: str) -> None:
+        """Write this rank's trainer state under ``path/rank{r}/`` (see module docstring).
+        Collective (every rank writes its own folder). Call between iterations.
+
+        Raises:
+            RuntimeError: mid-iteration (a theta_k snapshot is pending), or an optimiser-state
+                value that is neither a tensor nor JSON-serialisable.
+        """
+        from safetensors.torch import save_file
+
+        from nlhf.learner.snapshot import scaler_objects, state_tensors
+
+        if self._snapshot is not None:
+            raise RuntimeError("save_trainer_state mid-iteration: call it after full_step (or step)")
+        out = Path(path) / f"rank{self.rank}"
+        out.mkdir(parents=True, exist_ok=True)
+        tensors, masters = state_tensors(self.engine, self._zero3())
+        state = self._base_optimizer.state
+        sd: dict[str, torch.Tensor] = {f"theta.{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}
+        opt_scalars: dict[str, dict] = {}
+        for j, p in enumerate(masters):
+            for k, v in state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    sd[f"opt.{j}.{k}"] = v.detach().cpu().contiguous()
+                elif _jsonable(v):
+                    opt_scalars.setdefault(str(j), {})[k] = v
+                else:
+                    raise RuntimeError(f"optimiser state {k!r} of parameter {j} is a {type(v).__name__}")
+        if self.anchor is not None:
+            for name, t in self.anchor.named_parameters():  # tied weights once
+                sd[f"anchor.{name}"] = t.detach().cpu().contiguous()
+        sd["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            sd["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        scalers = {}
+        for name, obj in scaler_objects(self.engine).items():
+            fields = {k: v for k, v in vars(obj).items() if _jsonable(v)}
+            for k, v in vars(obj).items():
+                if torch.is_tensor(v):
+                    sd[f"scaler.{name}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+            scalers[name] = fields
+        groups = [{k: v for k, v in g.items() if k != "params" and _jsonable(v)}
+                  for g in self._base_optimizer.param_groups]
+        meta = {
+            "world_size": self.world_size, "rank": self.rank, "zero_stage": self.cfg.learner.zero_stage,
+            "precision": self.cfg.learner.precision, "layout": [list(t.shape) for t in tensors],
+            "masters": len(masters), "opt_scalars": opt_scalars, "param_groups": groups, "scalers": scalers,
+            "engine": {k: int(getattr(self.engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps")},
+        }
+        save_file(sd, str(out / "state.safetensors"))
+        (out / "state.json").write_text(json.dumps(meta, indent=1))
+        self._barrier()
+
+    def load_trainer_state(self, path: str) -> None:
+        """Load this rank's trainer state written by :meth:`save_trainer_state` (same config and
+        world size): theta, the optimiser state, the EMA anchor, the RNG state. Collective.
+
+        Raises:
+            FileNotFoundError: no ``path/rank{r}/state.json``.
+            RuntimeError: the saved layout (world size, ZeRO stage, tensor shapes) does not match
+                this learner's.
+        """
+        from safetensors.torch import load_file
+
+        from nlhf.learner.snapshot import scaler_objects, state_tensors
+
+        folder = Path(path) / f"rank{self.rank}"
+        if not (folder / "state.json").is_file():
+            raise FileNotFoundError(f"no trainer state for rank {self.rank} under {path}")
+        meta = json.loads((folder / "state.json").read_text())
+        tensors, masters = state_tensors(self.engine, self._zero3())
+        mine = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage,
+                "precision": self.cfg.learner.precision, "layout": [list(t.shape) for t in tensors],
+                "masters": len(masters)}
+        for k, v in mine.items():
+            if meta.get(k) != v:
+                raise RuntimeError(f"trainer state at {path}: {k} is {meta.get(k)!r}, this learner has {v!r}")
+        sd = load_file(str(folder / "state.safetensors"))
+        with torch.no_grad():
+            for i, t in enumerate(tensors):
+                t.copy_(sd[f"theta.{i}"])
+        state = self._base_optimizer.state
+        for j, p in enumerate(masters):
+            entry = {k[len(f"opt.{j}."):]: v.to(p.device) for k, v in sd.items() if k.startswith(f"opt.{j}.")}
+            entry.update(meta["opt_scalars"].get(str(j), {}))
+            if entry:
+                state[p] = entry
+            else:
+                state.pop(p, None)
+        for g, saved in zip(self._base_optimizer.param_groups, meta["param_groups"]):
+            g.update({k: (tuple(v) if isinstance(g.get(k), tuple) else v) for k, v in saved.items()})
+        for name, obj in scaler_objects(self.engine).items():
+            fields = dict(meta["scalers"].get(name, {}))
+            for k in list(vars(obj)):
+                if f"scaler.{name}.{k}" in sd:
+                    fields[k] = sd[f"scaler.{name}.{k}"].to(self.device)
+            vars(obj).update(fields)
+        for k, v in meta["engine"].items():
+            if hasattr(self.engine, k):
+                setattr(self.engine, k, v)
+        if self.anchor is not None:
+            with torch.no_grad():
+                for name, t in self.anchor.named_parameters():
+                    t.copy_(sd[f"anchor.{name}"])
+        torch.set_rng_state(sd["rng.cpu"])
+        if "rng.cuda" in sd and self.device.type == "cuda":
+            torch.cuda.set_rng_state(sd["rng.cuda"], self.device)
+        self._cache = None
+        self._barrier()
+
+    # ------------------------------------------------------------------ NCCL (or gloo) weight broadcast
+    def init_weight_sender(self, name: str, master_addr: str, master_port: int, world_size: int) -> None:
+        """Rank 0: open the weight-sync group ``name`` to a rollout pool as its sender (rank 0 of a
+        group of ``world_size`` = 1 + the pool's engine ranks; nccl on GPU, gloo on CPU; see
+        :class:`nlhf.sync.nccl.NcclWeightSender`). Blocks until the pool's receivers join. Other
+        ranks do nothing."""
+        if self.rank != 0:
+            return
+        from nlhf.sync.nccl import NcclWeightSender
+
+        backend = "nccl" if self.cfg.learner.num_gpus > 0 else "gloo"
+        self._senders[name] = NcclWeightSender(master_addr, master_port, world_size, backend=backend,
+                                               device=self.device if backend == "nccl" else None)
+
+    def send_weights(self, name: str, bucket_mb: float = 256.0) -> dict:
+        """Broadcast the gathered policy weights over sync group ``name`` (collective over the
+        learner ranks, which all take part in the gather; rank 0 sends).
+
+        Returns:
+            rank 0: the sender's stats dict; other ranks: ``{}``.
+
+        Raises:
+            KeyError: rank 0 has no sender called ``name`` (``init_weight_sender`` first).
+        """
+        if self.rank == 0 and name not in self._senders:
+            raise KeyError(f"no weight sender {name!r}: call init_weight_sender first")
+        sd = self.gathered_state_dict()
+        if self.rank != 0:
+            return {}
+        if self.device.type == "cuda":
+            sd = {k: v.to(self.device) for k, v in sd.items()}
+        return self._senders[name].send(sd, bucket_mb)

@@ -1,0 +1,251 @@
+"""The learner's update: score the batch at the weights its samples came from, take the inner
+optimiser steps of the algorithm's loss, measure where the step landed.
+
+One update on a :class:`~nlhf.batch.StepBatch` of B rollouts (all ranks, same batch; rank r
+scores rollouts r, r+W, ... and vectors are summed over ranks):
+
+1. **Scoring pass at the start point** theta_s (theta_k for Nash-MP's both steps and for the
+   one-step baselines; theta_{k+1/2} for EGPO's second step): one fused no-grad pass gives
+   ``log pi_s`` (B,), per-token ``log pi_s``, ``log pi_ref`` (B,) and the exact per-token
+   KL(pi_s || pi_ref) summed over response tokens (:func:`nlhf.learner.logprobs.score_rollouts`).
+   ``pi_s`` is the behaviour policy of the importance ratios (as the learner computes it, not the
+   engine's log-prob), and in snapshot mode also the proximal anchor pi_k.
+2. **M inner steps** (``cfg.algorithm.inner_steps``; 1 for EGPO, see :mod:`nlhf.learner.worker`):
+   each re-scores the batch at the current theta (step 0 reuses pass 1), evaluates the loss and
+   ``g = dL/dlogp`` (B,) on the whole batch identically on every rank, back-propagates
+   ``W * sum_i g_i logp_i`` over the rank's shard in micro-batches (DeepSpeed averages over ranks:
+   exactly dL/dtheta of the full-batch loss), then applies the optimiser.
+3. **Post-step pass**: ``log pi_after`` (B,) at the new weights; ``kl_anchor`` is the k3
+   estimator ``mean_i [(r_i - 1) - log r_i]``, ``r_i = pi_after(y_i) / pi_s(y_i)``, of
+   KL(pi_s || pi_after) on the batch's samples of pi_s (>= 0 per sample; unbiased).
+
+The engine-learner gap: ``logprob_gap`` is the mean over response tokens of
+``|log pi_engine - log pi_s|`` (per token where the rollout carries the engine's per-token
+log-probs; otherwise that rollout contributes ``|sum_engine - sum_learner|``, a lower bound).
+With ``cfg.algorithm.engine_is_cap = c`` each sample's loss term is weighted by
+``min(pi_s(y) / pi_engine(y), c)`` (sequence level, detached): the truncated importance
+correction of the gap between the engine that sampled y and the learner's pi_s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nlhf.algorithms.losses import LOG_RATIO_CAP, LossOutput
+from nlhf.batch import Rollout, StepBatch
+from nlhf.learner.logprobs import score_rollouts, sequence_logprobs
+
+# metrics the update computes itself; the loss's own keys of the same name (sample means) are dropped
+_OWN_KEYS = ("loss", "grad_norm", "kl_ref", "kl_anchor")
+
+
+def rollout_key(rollouts: list[Rollout]) -> tuple:
+    """Identity of a batch's samples (prompt and response ids) for reusing its start scores."""
+    return tuple((tuple(r.prompt_token_ids), tuple(r.response_token_ids)) for r in rollouts)
+
+
+@dataclass
+class StartScores:
+    """Full-batch (B,) vectors at the update's start point theta_s (see module docstring)."""
+
+    key: tuple
+    logp_s: torch.Tensor  # log pi_s(y_i|x_i), the behaviour policy of the ratios
+    logp_ref: torch.Tensor
+    logp_anchor: torch.Tensor  # pi_k: = logp_s in snapshot mode, the EMA model's otherwise
+    kl_ref: torch.Tensor  # exact sum_t KL(pi_s || pi_ref) per sequence
+    gap_sum: float  # sum over response tokens of |log pi_engine - log pi_s|
+    tokens: int  # response tokens in the batch
+
+
+class UpdateMixin:
+    """The update machinery of :class:`nlhf.learner.worker.LearnerWorker` (needs its attributes:
+    ``cfg, engine, reference, anchor, rank, world_size, device, pad_token_id, action_token_ids``)."""
+
+    # ------------------------------------------------------------------ sharding
+    def _shard(self, n: int) -> tuple[list[int], torch.Tensor]:
+        """This rank's indices into a batch of n (padded to ceil(n/W) with repeats) and their 0/1 weights."""
+        per_rank = math.ceil(n / self.world_size)
+        idx = list(range(self.rank, n, self.world_size))
+        valid = [1.0] * len(idx) + [0.0] * (per_rank - len(idx))
+        idx = idx + [idx[0] if idx else 0] * (per_rank - len(idx))
+        return idx, torch.tensor(valid, device=self.device)
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def _to_full(self, local: torch.Tensor, idx: list[int], valid: torch.Tensor, n: int) -> torch.Tensor:
+        """Scatter a shard's values (zero-weight padding dropped) into a (n,) vector summed over ranks."""
+        full = torch.zeros(n, dtype=torch.float32, device=self.device)
+        keep = valid > 0
+        full[torch.tensor(idx, device=self.device)[keep]] = local.float().to(self.device)[keep]
+        return self._all_sum(full)
+
+    # ------------------------------------------------------------------ scoring
+    def _policy_module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _policy_logp_full(self, local: list[Rollout], idx: list[int], valid: torch.Tensor, n: int) -> torch.Tensor:
+        """(n,) log pi_theta at the current weights, no grad (collective under ZeRO-3)."""
+        model = self._policy_module()
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                lp = sequence_logprobs(model, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                       pad_token_id=self.pad_token_id)
+        finally:
+            model.train(was)
+        return self._to_full(lp, idx, valid, n)
+
+    def _score_start(self, batch: StepBatch) -> StartScores:
+        """Pass 1 at the current weights (collective)."""
+        rollouts = batch.rollouts
+        n = len(rollouts)
+        idx, valid = self._shard(n)
+        local = [rollouts[i] for i in idx]
+        model = self._policy_module()
+        was = model.training
+        model.eval()
+        try:
+            sc = score_rollouts(model, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                pad_token_id=self.pad_token_id, reference=self.reference)
+        finally:
+            model.train(was)
+        gap, tokens = 0.0, 0
+        for j, (r, tok) in enumerate(zip(local, sc.token_logp)):
+            if valid[j] <= 0:
+                continue
+            tokens += len(r.response_token_ids)
+            eng = r.sampler_token_logprobs
+            if len(eng) == len(r.response_token_ids):
+                gap += float((torch.tensor(eng, dtype=torch.float32) - tok.cpu()).abs().sum())
+            else:
+                gap += abs(float(r.sampler_logprob) - float(tok.sum()))
+        sums = self._all_sum(torch.tensor([gap, float(tokens)], dtype=torch.float64, device=self.device))
+        logp_s = self._to_full(sc.logp, idx, valid, n)
+        if self.anchor is not None:  # EMA anchor
+            with torch.no_grad():
+                la = sequence_logprobs(self.anchor, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                       pad_token_id=self.pad_token_id)
+            logp_anchor = self._to_full(la, idx, valid, n)
+        else:
+            logp_anchor = logp_s
+        return StartScores(rollout_key(rollouts), logp_s, self._to_full(sc.logp_ref, idx, valid, n), logp_anchor,
+                           self._to_full(sc.kl_ref, idx, valid, n), float(sums[0]), int(sums[1]))
+
+    # ------------------------------------------------------------------ losses
+    def _loss_fn(self, batch: StepBatch, start: StartScores, weight: torch.Tensor | None
+                 ) -> Callable[[torch.Tensor], LossOutput]:
+        """The algorithm's loss as a function of the (B,) log-probs at the current theta."""
+        from nlhf.algorithms import losses as L
+
+        alg = self.cfg.algorithm
+        pref = torch.tensor(batch.preference, dtype=torch.float32, device=self.device)
+        needs_partner = alg.name in ("online-ipo", "egpo") or (alg.name == "nash-mp" and alg.estimator == "regression")
+        if needs_partner and not batch.partner:
+            what = "nash-mp with estimator 'regression'" if alg.name == "nash-mp" else alg.name
+            raise ValueError(f"StepBatch.partner is empty: {what} needs pair partners (see nlhf.algorithms.pairing)")
+        partner = torch.tensor(batch.partner, dtype=torch.long, device=self.device) if batch.partner else None
+        common = {"logp_ref": start.logp_ref, "preference": pref, "beta": alg.beta, "sample_weight": weight}
+        if alg.name == "nash-mp":
+            return lambda lp: L.proximal_loss(alg.estimator, logp=lp, logp_anchor=start.logp_anchor,
+                                              logp_sampler=start.logp_s, pair_index=partner, eta=alg.eta,
+                                              clip=alg.clip, **common)
+        if alg.name == "online-ipo":
+            return lambda lp: L.online_ipo_loss(lp, pair_index=partner, **common)
+        if alg.name == "egpo":
+            return lambda lp: L.egpo_loss(lp, pair_index=partner, **common)
+        if alg.name == "nash-md-pg":
+            return lambda lp: L.nash_md_pg_loss(lp, logp_sampler=start.logp_s, clip=alg.clip, **common)
+        raise ValueError(f"algorithm.name {alg.name!r} has no learner loss")
+
+    def _engine_weight(self, batch: StepBatch, start: StartScores) -> torch.Tensor | None:
+        """min(pi_s(y) / pi_engine(y), engine_is_cap) per sample (B,), or None without a cap."""
+        cap = self.cfg.algorithm.engine_is_cap
+        if cap is None:
+            return None
+        eng = torch.tensor([r.sampler_logprob for r in batch.rollouts], dtype=torch.float32, device=self.device)
+        return torch.exp((start.logp_s - eng).clamp(max=LOG_RATIO_CAP)).clamp(max=float(cap))
+
+    # ------------------------------------------------------------------ the update
+    def _grad_norm(self) -> float:
+        from nlhf.learner.engine import clips_itself
+
+        gn = self._last_grad_norm if clips_itself(self.cfg) else self.engine.get_global_grad_norm()
+        return float(gn) if gn is not None else float("nan")
+
+    def _update(self, batch: StepBatch, *, steps: int, start: StartScores | None = None,
+                finish: Callable[[], float | None] | None = None) -> tuple[dict[str, float], StartScores]:
+        """Score (unless ``start`` is given), take ``steps`` optimiser steps on the algorithm's
+        loss, run the post-step pass; collective.
+
+        ``finish``: replaces the *last* ``engine.step()``; it is called with the last gradient
+        accumulated and returns the pre-clip gradient norm (None: read it from the engine), so
+        a caller can restore theta_k before applying it (EGPO) or apply it without touching the
+        optimiser state (:func:`nlhf.learner.snapshot.adamw_preview_`).
+
+        Returns:
+            (metrics, the start scores). Metrics: ``loss`` and the loss's diagnostics
+            (``clip_frac``, ``ratio_min/mean/max``, ``pg_weight_std``, ...) of the last inner
+            step, ``grad_norm`` (pre-clip, last inner step), ``kl_ref`` (exact, at theta_s),
+            ``kl_ref_sample`` (mean log pi_s/pi_ref), ``kl_anchor`` (post-step, see module
+            docstring), ``logprob_gap``, ``response_len``, ``inner_steps``, ``step_time_s``,
+            and ``engine_is_weight_mean`` when ``engine_is_cap`` is set.
+
+        Raises:
+            ValueError: an empty batch or missing pair partners.
+        """
+        t0 = time.perf_counter()
+        n = len(batch.rollouts)
+        if n == 0:
+            raise ValueError("empty StepBatch")
+        start = start if start is not None else self._score_start(batch)
+        idx, valid = self._shard(n)
+        local = [batch.rollouts[i] for i in idx]
+        weight = self._engine_weight(batch, start)
+        loss_fn = self._loss_fn(batch, start, weight)
+        mb = self.cfg.learner.micro_batch_size
+        metrics: dict[str, float] = {}
+        for step in range(steps):
+            logp_now = start.logp_s if step == 0 else self._policy_logp_full(local, idx, valid, n)
+            leaf = logp_now.clone().requires_grad_(True)
+            out = loss_fn(leaf)
+            (g_full,) = torch.autograd.grad(out.loss, leaf)
+            g_local = g_full[torch.tensor(idx, device=self.device)] * valid * self.world_size
+            for s in range(0, len(local), mb):
+                lp = sequence_logprobs(self.engine, local[s:s + mb], mb, self.action_token_ids,
+                                       pad_token_id=self.pad_token_id)
+                self.engine.backward((g_local[s:s + mb] * lp).sum(), scale_wrt_gas=False)
+            if step == steps - 1 and finish is not None:
+                gn = finish()
+                metrics["grad_norm"] = float(gn) if gn is not None else self._grad_norm()
+            else:
+                self.engine.step()
+                metrics["grad_norm"] = self._grad_norm()
+            metrics["loss"] = float(out.loss.detach())
+            for k, v in out.metrics.items():
+                if k not in _OWN_KEYS:
+                    metrics[k] = float(v)
+        logp_after = self._policy_logp_full(local, idx, valid, n)
+        log_r = (logp_after - start.logp_s).clamp(max=LOG_RATIO_CAP)
+        metrics.update(
+            kl_anchor=float((torch.expm1(log_r) - log_r).mean()),
+            kl_ref=float(start.kl_ref.mean()),
+            kl_ref_sample=float((start.logp_s - start.logp_ref).mean()),
+            logprob_gap=start.gap_sum / start.tokens if start.tokens else float("nan"),
+            response_len=start.tokens / n,
+            inner_steps=float(steps),
+        )
+        if weight is not None:
+            metrics["engine_is_weight_mean"] = float(weight.mean())
+        metrics["step_time_s"] = time.perf_counter() - t0
+        return metrics, start
