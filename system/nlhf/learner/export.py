@@ -20,6 +20,7 @@ in; a fresh learner built from the HF checkpoint folder (``LearnerWorker(cfg, ck
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -133,11 +134,14 @@ class ExportMixin:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
         target = getattr(torch, dtype)
+        t0 = time.perf_counter()
         with torch.no_grad(), self._gathered():
             if self.rank != 0:
                 return None
             named = list(self._named_weights())
-            return safetensors_bytes(named, cast_to=target, metadata={"format": "pt"})
+            payload = safetensors_bytes(named, cast_to=target, metadata={"format": "pt"})
+        self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
+        return payload
 
     def save_checkpoint(self, path: str) -> None:
         """Write the policy as an HF folder (``config.json``, ``model.safetensors``, generation

@@ -186,6 +186,36 @@ class LearnerGroup:
         the receivers need no metadata, and ``ray.get(refs)`` waits for the send (all ranks gather)."""
         return None, [w.send_weights.remote(name, bucket_mb) for w in self.workers]
 
+    def kl_to_reference(self, rollouts: list[Rollout]) -> list[float]:
+        """Rank 0's :meth:`LearnerWorker.kl_to_reference` (exact per-sequence KL to pi_ref, nats)."""
+        import ray
+
+        return self._all("kl_to_reference", ray.put(rollouts))[0]
+
+    def stats(self) -> list[dict[str, float]]:
+        """Every rank's :meth:`LearnerWorker.stats` (peak RSS, weight-export seconds)."""
+        return self._all("stats")
+
+    def dead_rank(self, error: BaseException) -> int | None:
+        """The rank of the learner actor whose death ``error`` reports, or None when ``error`` is
+        not a learner actor's death (so other failures are not mistaken for one)."""
+        from ray.exceptions import RayActorError
+
+        if not isinstance(error, RayActorError):
+            return None
+        dead = getattr(error, "actor_id", None)
+        for rank, w in enumerate(self.workers):
+            if dead is not None and w._actor_id.hex() == dead:
+                return rank
+        import ray
+
+        for rank, w in enumerate(self.workers):  # the error did not say which: ask each rank
+            try:
+                ray.get(w.__ray_ready__.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                return rank
+        return None
+
     def shutdown(self, graceful: bool = True) -> None:
         """Destroy the process groups (when ``graceful``; best effort, 60 s) and kill the actors (idempotent)."""
         if self._closed:

@@ -391,6 +391,30 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             model.train(was)
         return [t.tolist() for t in sc.token_logp]
 
+    @torch.no_grad()
+    def kl_to_reference(self, rollouts: list[Rollout]) -> list[float]:
+        """Exact KL(pi_theta || pi_ref) of each rollout's response (nats, summed over its
+        positions of the per-token KL over the vocabulary; game mode: over the actions), >= 0.
+        Collective under ZeRO-3."""
+        model = self._scoring("policy")
+        was = model.training
+        model.eval()
+        try:
+            sc = score_rollouts(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                pad_token_id=self.pad_token_id, reference=self.reference)
+        finally:
+            model.train(was)
+        return sc.kl_ref.tolist()
+
+    def stats(self) -> dict[str, float]:
+        """``{"rank", "peak_rss_gb" (this process's peak RSS, GiB), "export_seconds" (time spent
+        packing weights for the engines since the last call)}``."""
+        import resource
+
+        export, self._export_seconds = getattr(self, "_export_seconds", 0.0), 0.0
+        return {"rank": self.rank, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+                "export_seconds": export}
+
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
         """Leave the process group (when this worker created it), drop a pending snapshot and
