@@ -52,12 +52,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_rollout(cfg: TrainConfig, num_prompts: int = 32) -> dict[str, Any]:
-    """Output tokens/s of one vLLM engine on ``num_prompts`` training prompts (``max_new_tokens`` from config)."""
+def bench_rollout(cfg: TrainConfig, num_prompts: int = 32, samples: int = 1, repeats: int = 1) -> dict[str, Any]:
+    """Output tokens/s of one vLLM engine on ``num_prompts`` training prompts x ``samples`` responses
+    (``max_new_tokens`` from config), each response seeded on its own as in training; the median
+    of ``repeats`` timed calls after one warm-up call."""
     from transformers import AutoTokenizer
 
     from nlhf.models import resolve_model
     from nlhf.rollout.worker import RolloutWorker
+    from nlhf.seeding import Phase, sample_seeds
 
     _env_for_vllm(cfg)
     path = resolve_model(cfg.policy, cfg.cache_dir)
@@ -66,17 +69,22 @@ def bench_rollout(cfg: TrainConfig, num_prompts: int = 32) -> dict[str, Any]:
     t0 = time.perf_counter()
     worker = RolloutWorker(path, cfg.rollout, pool="bench", seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
     start_s = time.perf_counter() - t0
+    runs = []
     try:
-        worker.generate([p.text for p in prompts[:2]], [p.token_ids for p in prompts[:2]], 1)  # warm-up
-        t0 = time.perf_counter()
-        out = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], 1, seed=cfg.seed)
-        dt = time.perf_counter() - t0
+        texts, ids = [p.text for p in prompts], [p.token_ids for p in prompts]
+        worker.generate(texts, ids, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(prompts), samples))  # warm-up
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            out = worker.generate(texts, ids, sample_seeds(cfg.seed, Phase.EVAL_OTHER, r, len(prompts), samples))
+            dt = time.perf_counter() - t0
+            runs.append((sum(len(y.response_token_ids) for g in out for y in g), dt))
     finally:
         worker.shutdown()
-    tokens = sum(len(g[0].response_token_ids) for g in out)
-    return {"benchmark": "rollout", "model": path, "dtype": worker.dtype, "prompts": len(prompts),
-            "max_new_tokens": cfg.rollout.max_new_tokens, "output_tokens": tokens, "seconds": dt,
-            "tokens_per_s": tokens / dt, "engine_start_s": start_s, "peak_rss_mb": _peak_rss_mb(), **_machine()}
+    rates = sorted(t / d for t, d in runs)
+    return {"benchmark": "rollout", "model": path, "dtype": worker.dtype, "prompts": len(prompts), "samples": samples,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "output_tokens": runs[-1][0], "seconds": runs[-1][1],
+            "tokens_per_s": rates[len(rates) // 2], "tokens_per_s_all": rates, "engine_start_s": start_s,
+            "peak_rss_mb": _peak_rss_mb(), **_machine()}
 
 
 def bench_sync(cfg: TrainConfig, repeats: int = 3) -> dict[str, Any]:
@@ -142,29 +150,35 @@ def bench_judge(cfg: TrainConfig, num_pairs: int = 64) -> dict[str, Any]:
             "seconds": dt, "pairs_per_s": len(texts) / dt, "peak_rss_mb": _peak_rss_mb(), **_machine()}
 
 
-def evaluate_win_rate(cfg: TrainConfig, policy: str, baseline: str, num_prompts: int = 80) -> dict[str, Any]:
-    """Win rate of ``policy`` over ``baseline`` (HF folders) on the held-out prompts under the judge:
-    one sampled response each per prompt, P(policy > baseline) averaged over prompts, 95% normal CI.
-    The engines run one after the other (one fits on a small machine)."""
+def evaluate_win_rate(cfg: TrainConfig, policy: str, baseline: str, num_prompts: int = 80,
+                      samples: int | None = None) -> dict[str, Any]:
+    """Win rate of ``policy`` against ``baseline`` (HF folders) on the held-out prompts under the
+    config's judge: ``samples`` responses per prompt and side (default
+    ``data.eval_samples_per_prompt``), sample s against sample s, seeds of their own
+    (:data:`nlhf.seeding.Phase.EVAL_OTHER`), 95% CI over prompts (:mod:`nlhf.evaluation`)."""
     from transformers import AutoTokenizer
 
+    from nlhf.algorithms.pairing import plan_queries
+    from nlhf.evaluation import comparisons, win_rate_report
     from nlhf.rollout.worker import RolloutWorker
+    from nlhf.seeding import Phase, sample_seeds
 
     _env_for_vllm(cfg)
     tok = AutoTokenizer.from_pretrained(policy)
     prompts = _prompts(cfg, tok, num_prompts, held_out=True)
+    S = samples or (cfg.data.eval_samples_per_prompt if cfg.data else 2)
     responses = {}
-    for name, path in (("policy", policy), ("baseline", baseline)):
-        worker = RolloutWorker(path, cfg.rollout, pool=name, seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
+    for side, path in (("policy", policy), ("baseline", baseline)):
+        worker = RolloutWorker(path, cfg.rollout, pool=side, seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
         try:
-            responses[name] = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], 1, seed=cfg.seed)
+            seeds = sample_seeds(cfg.seed, Phase.EVAL_OTHER, 0 if side == "policy" else 1, len(prompts), S)
+            responses[side] = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], seeds)
         finally:
             worker.shutdown()
     judge = _judge(cfg)
-    probs = judge.prefer([p.text for p in prompts], [g[0].response_text for g in responses["policy"]],
-                         [g[0].response_text for g in responses["baseline"]])
-    n = len(probs)
-    mean = float(np.mean(probs))
-    se = float(np.std(probs, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"policy": policy, "baseline": baseline, "judge": cfg.judge.path, "num_prompts": n, "win_rate": mean,
-            "ci95_low": mean - 1.96 * se, "ci95_high": mean + 1.96 * se}
+    x, a, b = comparisons(responses["policy"], responses["baseline"])
+    plan = plan_queries(x, a, b)
+    answers = judge.prefer([x[t] for t in plan.queries], [a[t] for t in plan.queries], [b[t] for t in plan.queries])
+    report = win_rate_report(plan.assemble(answers), len(prompts), policy=responses["policy"],
+                             baseline=responses["baseline"])
+    return {"policy": policy, "baseline": baseline, "judge": cfg.judge.path, **report}

@@ -119,6 +119,9 @@ class AlgorithmConfig(Strict):
     ``clip`` is the PPO range of the importance ratio pi_theta / pi_k (pi_k as the learner
     computes it). ``engine_is_cap``: truncated importance correction of the engine-learner
     gap, weight min(pi_k / pi_engine, cap) per sample (None: no correction).
+    ``opponents_per_response``: each response is judged against this many independent opponents
+    (other responses of the prompt), and the loss reads the mean preference: a lower-variance
+    estimate of P(y > opponent policy) for the same rollouts (online IPO: always 1, its partner).
     """
 
     name: Literal["nash-mp", "online-ipo", "omd", "egpo", "nash-md-pg"] = "nash-mp"
@@ -130,6 +133,7 @@ class AlgorithmConfig(Strict):
     inner_steps: int = Field(4, ge=1)
     clip: float | None = Field(0.2, gt=0)
     mixture: float = Field(0.5, ge=0, le=1)
+    opponents_per_response: int = Field(1, ge=1)
     engine_is_cap: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -256,6 +260,12 @@ class LearnerConfig(Strict):
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: max(1, floor(num_cpus))
+    # where theta_k waits between half and full step: RAM, or raw bytes in a temporary folder
+    # (page cache, not the process's RSS; see nlhf.learner.snapshot)
+    snapshot: Literal["memory", "disk"] = "memory"
+    snapshot_dir: str | None = None
+    # the frozen reference's dtype: auto = bf16 where the hardware computes it natively
+    reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # --- hub (multi-node placement): custom Ray resources each rank's bundle also reserves: one
     # dict for every rank, or a list with rank r's at index r (pins ranks to nodes that declare
     # them with `ray start --resources=...`). The rendezvous is on rank 0's node.
@@ -355,7 +365,8 @@ class TrainConfig(Strict):
 
         a = self.algorithm
         try:
-            check_responses_per_prompt(a.name, a.estimator, self.responses_per_prompt)
+            check_responses_per_prompt(a.name, a.estimator, self.responses_per_prompt,
+                                       1 if a.name == "online-ipo" else a.opponents_per_response)
         except ValueError as e:
             raise ValueError(f"responses_per_prompt: {e}") from None
         return self

@@ -60,15 +60,17 @@ def flat(groups: list[list[Rollout]]) -> list[Rollout]:
 
 def judge(s: Session, it: Iteration, prompts: list[Prompt], ys: list[list[Rollout]],
           opponents: list[list[Rollout]], pairs: Pairing) -> list[float]:
-    """P(y_i > o_i | x) for every response y_i, against ``pairs.opponent[i]`` of ``opponents``."""
+    """For every response y_i, the mean of P(y_i > o | x) over its opponents ``pairs.opponents[i]``
+    (indices into ``opponents``)."""
     y, o = flat(ys), flat(opponents)
     R = len(ys[0])
+    rows, cols = pairs.comparisons()
     with timed(it, "judge", s):
-        probs, identical = s.judge.compare([prompts[i // R].text for i in range(len(y))], [r.response_text for r in y],
-                                           [o[j].response_text for j in pairs.opponent], training=True)
-    it.comparisons += len(y)
+        probs, identical = s.judge.compare([prompts[i // R].text for i in rows], [y[i].response_text for i in rows],
+                                           [o[j].response_text for j in cols], training=True)
+    it.comparisons += len(rows)
     it.identical += identical
-    return probs
+    return pairs.average(probs)
 
 
 # ----------------------------------------------------------------------------- the algorithms
@@ -81,7 +83,7 @@ def nash_mp(s: Session, k: int, it: Iteration) -> None:
         prompts = s.next_prompts()
         ys = s.current.generate(prompts, s.seeds(k, Phase.TRAIN, G, R))
     # 2. half-step from theta_k, opponents: other responses of pi_k to the same prompt
-    pairs = pairing.self_play(G, R, with_partner=regression)
+    pairs = pairing.self_play(G, R, with_partner=regression, opponents=cfg.algorithm.opponents_per_response)
     p_half = judge(s, it, prompts, ys, ys, pairs)
     with timed(it, "learn", s):
         it.half = s.learners.half_step(StepBatch(flat(ys), p_half, pairs.partner))
@@ -91,7 +93,7 @@ def nash_mp(s: Session, k: int, it: Iteration) -> None:
     with timed(it, "rollout", s):
         y_opp = s.extrapolated.generate(prompts, s.seeds(k, Phase.OPPONENT, G, R))
     # 4. full step: restore theta_k, opponents from pi_{k+1/2} -> theta_{k+1}
-    pairs = pairing.against_other_pool(G, R, with_partner=regression)
+    pairs = pairing.against_other_pool(G, R, with_partner=regression, opponents=cfg.algorithm.opponents_per_response)
     p_full = judge(s, it, prompts, ys, y_opp, pairs)
     with timed(it, "learn", s):
         it.full = s.learners.full_step(StepBatch(flat(ys), p_full, pairs.partner))
@@ -122,7 +124,7 @@ def egpo(s: Session, k: int, it: Iteration) -> None:
     pi_{k+1/2}'s own responses and applied from theta_k."""
     cfg = s.cfg
     G, R = cfg.prompts_per_iteration, cfg.responses_per_prompt
-    pairs = pairing.self_play(G, R, with_partner=True)
+    pairs = pairing.self_play(G, R, with_partner=True, opponents=cfg.algorithm.opponents_per_response)
     with timed(it, "rollout", s):
         prompts = s.next_prompts()
         ys = s.current.generate(prompts, s.seeds(k, Phase.TRAIN, G, R))
@@ -150,7 +152,7 @@ def nash_md_pg(s: Session, k: int, it: Iteration) -> None:
         prompts = s.next_prompts()
         ys = s.current.generate(prompts, s.seeds(k, Phase.TRAIN, G, R))
         y_mix = s.extrapolated.generate(prompts, s.seeds(k, Phase.OPPONENT, G, R))
-    pairs = pairing.against_other_pool(G, R, with_partner=False)
+    pairs = pairing.against_other_pool(G, R, with_partner=False, opponents=cfg.algorithm.opponents_per_response)
     p = judge(s, it, prompts, ys, y_mix, pairs)
     with timed(it, "learn", s):
         it.full = s.learners.step(StepBatch(flat(ys), p))

@@ -164,6 +164,10 @@ class RolloutPool:
         refs = {i: call(i) for i in range(len(self.workers))}
         return [self._get_with_recovery(i, refs[i], call) for i in refs]
 
+    def infos(self) -> list[dict]:
+        """Every worker's ``info()`` (dtype, weight version, pid, peak RSS)."""
+        return ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+
     def versions(self) -> list[int]:
         """The weight version each worker holds now."""
         return ray.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
@@ -296,6 +300,7 @@ class WeightSync:
         nbytes = float(max((r.get("bytes", 0) for r in results), default=0))
         self.counters.sync_bytes += nbytes
         self.counters.sync_seconds += dt
+        self.counters.sync_reload_seconds += float(max((r.get("seconds", 0.0) for r in results), default=0.0))
         return {"seconds": dt, "bytes": nbytes}
 
 

@@ -82,7 +82,22 @@ def iteration_metrics(s: "Session", k: int, it: "Iteration", win: float | None) 
     half, full = it.half, it.full
     lengths = [len(y.response_token_ids) for g in it.responses for y in g]
     cur, ext = s.current.stats(), s.extrapolated.stats()
+    learner_stats = s.learners.stats()
+    judge_stats = s.judge.service_stats()
+    judge_busy = float(judge_stats.get("busy_s", 0.0))
+    reload = c.sync_reload_seconds
+    busy = {  # actor-side busy seconds of this iteration, per phase (the rest of each phase is overhead)
+        "busy/rollout": cur["seconds"] + ext["seconds"],
+        "busy/learn": float(half.get("step_time_s", 0.0)) + float(full.get("step_time_s", 0.0)),
+        "busy/judge": judge_busy - s.last_busy.get("judge", 0.0),
+        "busy/sync": reload - s.last_busy.get("reload", 0.0) + float(learner_stats[0].get("export_seconds", 0.0)),
+    }
+    s.last_busy.update(judge=judge_busy, reload=reload)
+    s.peak_rss_gb.update({f"learner_rank{st['rank']}": st["peak_rss_gb"] for st in learner_stats})
+    if "replica_peak_rss_gb" in judge_stats:
+        s.peak_rss_gb["judge_replica"] = max(s.peak_rss_gb.get("judge_replica", 0.0), judge_stats["replica_peak_rss_gb"])
     m: dict[str, float] = {
+        **busy,
         "charts/queries": float(c.queries),
         "charts/eval_queries": float(c.eval_queries),
         "charts/kl_ref": float(full.get("kl_ref", half.get("kl_ref", _nan()))),
@@ -92,6 +107,7 @@ def iteration_metrics(s: "Session", k: int, it: "Iteration", win: float | None) 
         "losses/half_step": float(half.get("loss", _nan())),
         "losses/full_step": float(full.get("loss", _nan())),
         "rollout/logprob_gap": float(half.get("logprob_gap", full.get("logprob_gap", _nan()))),
+        "rollout/tokens": float(cur["tokens"] + ext["tokens"]),
         "perf/tokens_per_s_current": cur["tokens_per_s"],
         "perf/tokens_per_s_extrapolated": ext["tokens_per_s"],
         "sync/bytes": float(c.sync_bytes),
@@ -197,10 +213,24 @@ def finish(s: "Session") -> dict[str, Any]:
     summary["sampling_seeds"] = s.state.seed_report()
     if s.game is not None:
         summary["game"] = game_summary(s)
+    summary["peak_rss_gb"] = peak_rss(s)
     summary["wall_seconds"] = time.time() - s.t_start
     (s.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     s.progress.phase("done")
     return summary
+
+
+def peak_rss(s: "Session") -> dict[str, float]:
+    """Peak RSS (GiB) of the driver and of every actor: learner ranks, rollout workers, a judge replica."""
+    import resource
+
+    out = {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, **s.peak_rss_gb}
+    for st in s.learners.stats():
+        out[f"learner_rank{st['rank']}"] = max(out.get(f"learner_rank{st['rank']}", 0.0), st["peak_rss_gb"])
+    for name, pool in (("current", s.current), ("extrapolated", s.extrapolated)):
+        for i, info in enumerate(pool.infos()):
+            out[f"rollout_{name}_{i}"] = info["peak_rss_gb"]
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def game_summary(s: "Session") -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Counters:
     judge_requests: int = 0
     sync_bytes: float = 0.0
     sync_seconds: float = 0.0
+    sync_reload_seconds: float = 0.0  # engine-side reload time (the busy part of sync_seconds)
     rollout_restarts: int = 0
     judge_retries: int = 0
     learner_restarts: int = 0

@@ -139,6 +139,8 @@ class Session:
         self.sync: Any = None
         self.judge_app: str | None = None
         self.lease: Any = None
+        self.last_busy: dict[str, float] = {}  # running totals of actor busy time, for per-iteration deltas
+        self.peak_rss_gb: dict[str, float] = {}  # per actor, filled as the run goes
 
     # ------------------------------------------------------------------ start-up
     @classmethod

@@ -29,24 +29,49 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 __all__ = ["Pairing", "self_play", "against_other_pool", "online_ipo", "regression_partner", "check_responses_per_prompt",
+           "max_opponents",
            "QueryPlan", "plan_queries"]
 
 
 @dataclass(frozen=True)
 class Pairing:
-    """For a flat batch of ``len(opponent)`` responses.
+    """For a flat batch of ``len(opponents)`` responses.
 
     Attributes:
-        opponent: ``opponent[i]`` is the flat index of y_i's judged opponent, into this batch
-            (``opponents_from == "same"``) or into the other pool's batch (``"other"``).
+        opponents: ``opponents[i]`` lists the flat indices of y_i's judged opponents, into this
+            batch (``opponents_from == "same"``) or into the other pool's batch (``"other"``).
+            The preference fed to the loss is the mean over them, an estimate of
+            ``a(y_i) = P(y_i > mu)`` whose variance falls as 1/len(opponents[i]).
         partner: ``partner[i]`` is the flat index of y_i's pair partner in this batch (same
             prompt, != i); empty when the loss needs no partner.
         opponents_from: ``"same"`` or ``"other"``.
     """
 
-    opponent: list[int]
+    opponents: list[list[int]]
     partner: list[int]
     opponents_from: Literal["same", "other"]
+
+    def comparisons(self) -> tuple[list[int], list[int]]:
+        """Flat (response index, opponent index) of every comparison, response-major."""
+        rows = [i for i, opp in enumerate(self.opponents) for _ in opp]
+        cols = [j for opp in self.opponents for j in opp]
+        return rows, cols
+
+    def average(self, probabilities: Sequence[float]) -> list[float]:
+        """Per response, the mean of its comparisons' probabilities (``probabilities`` in the
+        order of :meth:`comparisons`).
+
+        Raises:
+            ValueError: not one probability per comparison.
+        """
+        counts = [len(o) for o in self.opponents]
+        if len(probabilities) != sum(counts):
+            raise ValueError(f"{len(probabilities)} probabilities for {sum(counts)} comparisons")
+        out, t = [], 0
+        for c in counts:
+            out.append(float(sum(probabilities[t:t + c])) / c)
+            t += c
+        return out
 
 
 def _check_shape(groups: int, responses: int) -> None:
@@ -54,6 +79,12 @@ def _check_shape(groups: int, responses: int) -> None:
         raise ValueError(f"groups (prompts in the batch) must be >= 1, got {groups}")
     if responses < 2:
         raise ValueError(f"responses per prompt must be >= 2, got {responses}")
+
+
+def _check_count(opponents: int, most: int, what: str, responses: int) -> None:
+    if not 1 <= opponents <= most:
+        raise ValueError(f"{what}: opponents per response must be in [1, {most}] with {responses} responses "
+                         f"per prompt, got {opponents}")
 
 
 def regression_partner(groups: int, responses: int) -> list[int]:
@@ -68,34 +99,41 @@ def regression_partner(groups: int, responses: int) -> list[int]:
     return [g * responses + (r ^ 1) for g in range(groups) for r in range(responses)]
 
 
-def self_play(groups: int, responses: int, *, with_partner: bool) -> Pairing:
+def self_play(groups: int, responses: int, *, with_partner: bool, opponents: int = 1) -> Pairing:
     """Opponents from the same batch (responses of the same policy to the same prompt).
 
-    ``with_partner=False`` (policy-gradient losses): o_i = the next response of the prompt,
-    ``(r + 1) mod R``; needs R >= 2. ``with_partner=True`` (regression-type losses): partner
-    ``r ^ 1`` and opponent ``(r + 2) mod R``, so both opponents of a pair lie outside it; needs
-    R even and >= 4.
+    ``with_partner=False`` (policy-gradient losses): response r is judged against the next
+    ``opponents`` responses of its prompt, ``(r + 1), ..., (r + opponents) mod R``; at most R - 1.
+    ``with_partner=True`` (regression-type losses): partner ``r ^ 1``; both members of the pair
+    ``(2m, 2m+1)`` are judged against the same ``opponents`` responses outside the pair,
+    ``2m + 2, 2m + 3, ... mod R`` (EGPO's shared y''); needs R even and >= 4, at most R - 2.
 
     Raises:
-        ValueError: R too small (or odd) for independent opponents.
+        ValueError: R too small (or odd) for independent opponents, or too many opponents.
     """
     _check_shape(groups, responses)
     R = responses
     if not with_partner:
-        return Pairing([g * R + (r + 1) % R for g in range(groups) for r in range(R)], [], "same")
+        _check_count(opponents, R - 1, "self-play", R)
+        return Pairing([[g * R + (r + j) % R for j in range(1, opponents + 1)] for g in range(groups) for r in range(R)],
+                       [], "same")
     if R < 4 or R % 2:
         raise ValueError(f"a pair-regression step judged against its own batch needs an even number >= 4 of "
                          f"responses per prompt (partner and opponents independent), got {R}")
-    return Pairing([g * R + (r + 2) % R for g in range(groups) for r in range(R)],
-                   regression_partner(groups, R), "same")
+    _check_count(opponents, R - 2, "self-play with pair partners", R)
+    opp = [[g * R + (2 * (r // 2) + 2 + j) % R for j in range(opponents)] for g in range(groups) for r in range(R)]
+    return Pairing(opp, regression_partner(groups, R), "same")
 
 
-def against_other_pool(groups: int, responses: int, *, with_partner: bool) -> Pairing:
-    """Opponents from another pool's batch of the same shape: o_i = its response at flat index i
-    (independent of this batch). Partners, when asked for, are ``r ^ 1`` (R even)."""
+def against_other_pool(groups: int, responses: int, *, with_partner: bool, opponents: int = 1) -> Pairing:
+    """Opponents from another pool's batch of the same shape (independent of this batch):
+    response r of prompt g is judged against that pool's responses ``r, r + 1, ... mod R`` of
+    prompt g (``opponents`` of them, at most R). Partners, when asked for, are ``r ^ 1`` (R even)."""
     _check_shape(groups, responses)
-    n = groups * responses
-    return Pairing(list(range(n)), regression_partner(groups, responses) if with_partner else [], "other")
+    R = responses
+    _check_count(opponents, R, "opponents from the other pool", R)
+    opp = [[g * R + (r + j) % R for j in range(opponents)] for g in range(groups) for r in range(R)]
+    return Pairing(opp, regression_partner(groups, R) if with_partner else [], "other")
 
 
 def online_ipo(groups: int, responses: int) -> Pairing:
@@ -103,11 +141,21 @@ def online_ipo(groups: int, responses: int) -> Pairing:
     _check_shape(groups, responses)
     R = responses
     idx = [g * R + (r + 1) % R for g in range(groups) for r in range(R)]
-    return Pairing(idx, list(idx), "same")
+    return Pairing([[j] for j in idx], list(idx), "same")
 
 
-def check_responses_per_prompt(algorithm: str, estimator: str, responses: int) -> None:
-    """Refuse a ``responses_per_prompt`` the algorithm cannot pair independently.
+def max_opponents(algorithm: str, estimator: str, responses: int) -> int:
+    """The most opponents per response an algorithm's pairing allows with ``responses`` per prompt."""
+    if algorithm == "online-ipo":
+        return 1
+    if algorithm == "egpo" or (algorithm == "nash-mp" and estimator == "regression"):
+        return responses - 2
+    return responses - 1  # self-play pg (nash-mp half-step); cross-pool steps allow R, the tighter bound wins
+
+
+def check_responses_per_prompt(algorithm: str, estimator: str, responses: int, opponents: int = 1) -> None:
+    """Refuse a ``responses_per_prompt`` (and ``opponents_per_response``) the algorithm cannot
+    pair independently.
 
     Raises:
         ValueError: naming the algorithm, the estimator and the value.
@@ -119,6 +167,10 @@ def check_responses_per_prompt(algorithm: str, estimator: str, responses: int) -
         what = "egpo" if algorithm == "egpo" else "nash-mp with estimator 'regression'"
         raise ValueError(f"{what} needs an even responses_per_prompt >= 4 (pair partner and judged opponents "
                          f"must be independent responses), got {responses}")
+    most = max_opponents(algorithm, estimator, responses)
+    if not 1 <= opponents <= most:
+        raise ValueError(f"algorithm.opponents_per_response: {opponents} is not in [1, {most}] for {algorithm} "
+                         f"with {responses} responses per prompt")
 
 
 # ----------------------------------------------------------------------------- judge queries

@@ -67,22 +67,28 @@ def plot(
 
 @one_line_errors
 def bench(
-    what: str = typer.Argument(..., help="rollout | sync | judge"),
+    what: str = typer.Argument(..., help="train | rollout | sync | judge"),
     config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", help="Training config (YAML)."),
     out: Path = typer.Option(..., "--out", help="JSON file to write the results to."),
+    iterations: int = typer.Option(4, "--iterations", min=2, help="bench train: iterations to run (the first is warm-up)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
-    """Benchmark one part (one process, no Ray) and write the numbers to --out."""
+    """Benchmark the training loop (`train`: a real run on Ray) or one part (one process, no Ray);
+    write the numbers to --out."""
     from nlhf import bench as benches
-
     from nlhf.checks import check_bench_inputs
 
     runners = {"rollout": benches.bench_rollout, "sync": benches.bench_sync, "judge": benches.bench_judge}
-    if what not in runners:
-        raise ValueError(f"bench: unknown benchmark {what!r}; choose one of {sorted(runners)}")
-    cfg = load_train_config(config, overrides or [], check=False)
+    if what not in (*runners, "train"):
+        raise ValueError(f"bench: unknown benchmark {what!r}; choose one of {sorted([*runners, 'train'])}")
+    cfg = load_train_config(config, overrides or [], check=what == "train")
     check_bench_inputs(cfg, str(out))
-    result = runners[what](cfg)
+    if what == "train":
+        from nlhf.bench_train import bench_train
+
+        result = bench_train(cfg, iterations=iterations)
+    else:
+        result = runners[what](cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

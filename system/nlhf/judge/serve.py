@@ -247,13 +247,17 @@ class JudgeService:
         ``requests`` (successful calls), ``pairs`` (judged pairs), ``errors`` (refused calls),
         ``truncations`` (pairs shortened to max_length), ``batches``, ``mean_batch_pairs``,
         ``mean_latency_s`` / ``max_latency_s`` (per call, inside the replica, seconds), ``busy_s`` (their
-        sum: the service's busy time), ``replicas``."""
+        sum: the service's busy time), ``replicas``, and ``replica_peak_rss_gb`` (peak RSS of the
+        replica that answered, GiB)."""
+        import resource
+
+        rss = {"replica_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
         if self._stats_actor is not None:
             try:
-                return await self._stats_actor.snapshot.remote()
+                return {**await self._stats_actor.snapshot.remote(), **rss}
             except Exception:  # noqa: BLE001
                 self._stats_actor = None
-        return self._local.snapshot()
+        return {**self._local.snapshot(), **rss}
 
     async def info(self) -> dict[str, Any]:
         """The judge's name and the config it was built from (``JudgeConfig.model_dump()``, token removed)."""

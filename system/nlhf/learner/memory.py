@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policy", required=True, help="HF folder of the policy (and reference)")
     ap.add_argument("--config", default=None, help="TrainConfig YAML (default: built-in defaults)")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. learner.zero_stage=0")
-    ap.add_argument("--snapshot", choices=["memory", "disk"], default=None,
-                    help="learner.snapshot for configs that do not have the field yet")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--responses", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64, help="response tokens (prompt tokens too)")
@@ -184,11 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     base = ["data.train_prompts=[unused.jsonl]", "judge.path=unused"] if args.config is None else []
     cfg = load_model(TrainConfig, args.config, base + args.set)
-    if args.snapshot is not None:
-        if "snapshot" in type(cfg.learner).model_fields:
-            cfg.learner.snapshot = args.snapshot
-        else:
-            object.__setattr__(cfg.learner, "snapshot", args.snapshot)
     res = measure_learner_rss(cfg, args.policy, prompts=args.prompts, responses=args.responses,
                               prompt_tokens=args.tokens, response_tokens=args.tokens, iterations=args.iterations,
                               export_dtype=args.export_dtype)

@@ -109,7 +109,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         self.policy_path, self.reference_path = str(policy_path), str(reference_path)
         self.action_token_ids = list(action_token_ids) if action_token_ids is not None else None
         lc = cfg.learner
-        self.snapshot_mode = getattr(lc, "snapshot", "memory")
+        self.snapshot_mode = lc.snapshot
         if self.snapshot_mode not in ("memory", "disk"):
             raise ValueError(f"learner.snapshot must be 'memory' or 'disk', got {self.snapshot_mode!r}")
         use_gpu = lc.num_gpus > 0
@@ -142,7 +142,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
         self.dtype = torch.bfloat16 if lc.precision == "bf16" else torch.float32
-        ref_choice = reference_dtype or getattr(lc, "reference_dtype", "auto")
+        ref_choice = reference_dtype or lc.reference_dtype
         self.reference_dtype = getattr(torch, resolve_dtype(ref_choice, gpu=use_gpu))
         if self.dtype == torch.bfloat16:
             self.reference_dtype = torch.bfloat16  # a bf16 learner computes pi_ref as it computes pi
@@ -239,7 +239,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         if self._snapshot is not None:
             self._snapshot.close()
         self._snapshot = Snapshot(self.engine, self._zero3(), self.snapshot_mode, weights_only=weights_only,
-                                  directory=getattr(self.cfg.learner, "snapshot_dir", None))
+                                  directory=self.cfg.learner.snapshot_dir)
 
     def _restore(self) -> None:
         """Put theta_k back bit for bit (weights and optimiser state) and drop the snapshot.
