@@ -1,4 +1,4 @@
-"""`nlhf bench rollout|sync|judge` run as a user runs them and write their numbers to a file."""
+"""`nlhf bench train|rollout|sync|judge` run as a user runs them and write their numbers to a file."""
 
 from __future__ import annotations
 
@@ -34,4 +34,26 @@ def test_bench_unknown_is_one_line_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "nlhf.cli", "bench", "nope", "--out", "/tmp/x.json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: bench: unknown benchmark 'nope'; choose one of ['judge', 'rollout', 'sync']"
+    assert proc.stderr.strip() == "error: bench: unknown benchmark 'nope'; choose one of ['judge', 'rollout', 'sync', 'train']"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bench_train_reports_steady_state_figures(tmp_path: Path, cache_dir: Path) -> None:
+    """A real (short) training run on Ray: per-phase seconds, actor busy time vs overhead, per-actor peak RSS."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "nlhf.cli", "bench", "train", "--config", "configs/game-cpu.yaml",
+                           "--iterations", "3", "--out", str(out), f"cache_dir={cache_dir}", "prompts_per_iteration=32",
+                           "cluster.dashboard=false"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["tool"] == "nlhf" and r["warmup_steps"] == 1 and r["steps_measured"] == 2
+    assert r["training_comparisons_per_step"] > 0 and r["seconds_per_training_comparison"] > 0
+    step = r["seconds_per_step"]["median"]
+    assert abs(sum(r["phases"].values()) - step) < 0.05 * step  # the phases make up the iteration
+    assert all(0 <= r["busy_seconds"][p] <= r["phases"][p] + 1e-6 for p in r["phases"]), r
+    assert 0 <= r["ray_overhead_fraction"] < 1
+    assert r["sync_bytes_per_step"] > 0
+    rss = r["peak_rss_gb"]
+    assert {"driver", "learner_rank0", "rollout_current_0", "rollout_extrapolated_0"} <= set(rss), rss
+    assert all(v > 0.05 for v in rss.values()) and r["cpu_capability"]
