@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LANG = "configs/smollm2-cpu.yaml"
 GAME = "configs/game-cpu.yaml"
+# A cold `datasets` cache, as on a fresh checkout: building it must not print in front of the error.
+DATASETS_CACHE = tempfile.mkdtemp(prefix="nlhf-bad-input-datasets-")
 
 
 def nlhf(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, HF_DATASETS_CACHE=DATASETS_CACHE, **(env or {}))
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "nlhf.cli", *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

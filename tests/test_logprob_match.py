@@ -23,10 +23,9 @@ def chat_ids(tok, prompt: str) -> list[int]:
 
 
 def sample(worker, prompts: list[str], ids: list[list[int]], n: int, base_seed: int) -> list[Rollout]:
-    """Responses from the engine, flattened prompt-major. The one place that knows the
-    RolloutWorker.generate API (today: one seed per call, sample j of prompt i uses seed + i*n + j);
-    adapt here when it takes explicit per-sample seeds."""
-    return [r for rs in worker.generate(prompts, ids, n, seed=base_seed) for r in rs]
+    """Responses from the engine, flattened prompt-major; sample j of prompt i has seed base + i*n + j."""
+    seeds = [[base_seed + i * n + j for j in range(n)] for i in range(len(prompts))]
+    return [r for rs in worker.generate(prompts, ids, seeds) for r in rs]
 
 
 def engine_token_logprobs(worker, rollouts: list[Rollout]) -> list[list[float]]:

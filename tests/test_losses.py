@@ -490,8 +490,8 @@ def _paired_nash_mp(P: np.ndarray, pi_ref: np.ndarray, *, half_opponents: str, s
     half = self_play(groups, responses, with_partner=True)
     full = against_other_pool(groups, responses, with_partner=True)
     partner = torch.tensor(half.partner)
-    half_opp = torch.tensor(half.opponent if half_opponents == "independent" else half.partner)
-    full_opp = torch.tensor(full.opponent)
+    half_opp = torch.tensor([o[0] for o in half.opponents] if half_opponents == "independent" else half.partner)
+    full_opp = torch.tensor([o[0] for o in full.opponents])
     n = groups * responses
 
     def proximal_step(y, log_anchor, preference):

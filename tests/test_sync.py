@@ -244,15 +244,15 @@ def test_ray_actor_syncs_from_object_ref(ray_cluster, setup, tiny_model_dir, cac
     Actor = ray.remote(num_cpus=1)(RolloutWorker)
     actor = Actor.remote(str(tiny_model_dir), cfg, pool="extrapolated", cache_dir=str(cache_dir))
     try:
-        before = [r[0].response_token_ids for r in ray.get(actor.generate.remote(PROMPTS, ids, 1, greedy=True))]
+        before = [r[0].response_token_ids for r in ray.get(actor.generate.remote(PROMPTS, ids, [[0]] * len(PROMPTS), greedy=True))]
         assert before != expected
         ref = ray.put(pack_state_dict(learner.state_dict()))
         res = ray.get(actor.update_weights.remote(ref))  # the ObjectRef is resolved to bytes by Ray
         assert res["version"] == 1
-        after = [r[0].response_token_ids for r in ray.get(actor.generate.remote(PROMPTS, ids, 1, greedy=True))]
+        after = [r[0].response_token_ids for r in ray.get(actor.generate.remote(PROMPTS, ids, [[0]] * len(PROMPTS), greedy=True))]
         assert after == expected
         ray.get(actor.shutdown.remote())
         with pytest.raises(ray.exceptions.RayTaskError, match="shut down"):
-            ray.get(actor.generate.remote(PROMPTS, ids, 1))
+            ray.get(actor.generate.remote(PROMPTS, ids, [[0]] * len(PROMPTS)))
     finally:
         ray.kill(actor)

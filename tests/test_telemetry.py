@@ -43,6 +43,14 @@ def _iteration_metrics(k: int) -> dict[str, float]:
         "sync/seconds": 0.2 * k,
         "judge/requests": 2.0 * k,
         "judge/latency_s": 0.015,
+        "charts/eval_queries": 10.0 * k,
+        "charts/identical_fraction": 0.05,
+        "rollout/logprob_gap": 0.002,
+        **{f"learner/{step}_{key}": 0.1 for step in ("half", "full")
+           for key in ("grad_norm", "clip_frac", "pg_weight_std", "ratio_min", "ratio_mean", "ratio_max")},
+        "faults/rollout_restarts": float(k > 1),
+        "faults/judge_retries": 0.0,
+        "faults/learner_restarts": 0.0,
     }
 
 

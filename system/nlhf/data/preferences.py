@@ -49,12 +49,12 @@ def check_trainable(path: str | Path) -> None:
 
 
 def _load_rows(path: str | Path) -> list[dict[str, Any]]:
-    from datasets import load_dataset
+    from nlhf.data import load_json_rows
 
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"preference file not found: {path}")
-    ds = load_dataset("json", data_files=path, split="train")
+    ds = load_json_rows(path)
     return list(ds)
 
 

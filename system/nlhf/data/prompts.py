@@ -43,12 +43,12 @@ def load_prompt_texts(path: str | Path) -> list[str]:
         FileNotFoundError: ``path`` does not exist.
         ValueError: a row carries no prompt field.
     """
-    from datasets import load_dataset
+    from nlhf.data import load_json_rows
 
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    ds = load_dataset("json", data_files=path, split="train")
+    ds = load_json_rows(path)
     texts = [_prompt_text(row, path).strip() for row in ds]
     return [t for t in texts if t]
 
