@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,10 @@ OVERRIDES = ["iterations=6", "save_every=2", "keep_last=3", "policy.dtype=float3
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(tmp / "ray"))
+    # Ray's socket paths live under RAY_TMPDIR and must stay under 107 bytes (AF_UNIX): pytest's
+    # tmp_path is too deep, so each run gets a short folder of its own under /tmp.
+    ray_tmp = tempfile.mkdtemp(prefix="nlhf-ray-", dir="/tmp")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
     return env
 

@@ -4,7 +4,7 @@ judge service, DeepSpeed learner, weight sync) with tiny models.
 - language mode: the smollm2-cpu config with a tiny random policy and a tiny pairwise judge,
   real prompts, 2 iterations; checks every output a user relies on.
 - game mode (configs/game-cpu.yaml): the system-level correctness test — the pipeline must
-  converge to the exact regularised Nash equilibrium, KL(pi* || pi) <= 0.01 at n = 10.
+  converge to the exact regularised Nash equilibrium, KL(pi* || pi) <= 2e-3 at n = 10.
 """
 
 from __future__ import annotations
@@ -58,8 +58,14 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
             assert key in m, key
         assert 0.0 <= m["charts/win_prob"] <= 1.0
         assert m["perf/tokens_per_s_current"] > 0 and m["perf/tokens_per_s_extrapolated"] > 0
-    # queries: per iteration 2 x (prompts x responses) training pairs + one win-probability pair per prompt
-    assert lines[1]["charts/queries"] == 2 * (2 * 4 * 2 + 4)
+    # Training queries, per iteration (4 prompts, 2 responses, 1 opponent each; a tiny random
+    # policy never repeats an 8-token response, so no pair is identical): the half-step's
+    # self-play pairs y0-y1 and y1-y0 are one query per prompt (4), the full step judges each of
+    # the 8 responses against the other pool (8). The win-probability calls (one per prompt)
+    # are evaluation queries and are counted apart.
+    assert [m["charts/identical_fraction"] for m in lines] == [0.0, 0.0]
+    assert [m["charts/queries"] for m in lines] == [12, 24]
+    assert [m["charts/eval_queries"] for m in lines] == [4, 8]
     assert lines[1]["charts/kl_ref"] != 0.0  # the policy moved away from the reference
 
     summary = json.loads((out / "summary.json").read_text())
@@ -86,4 +92,4 @@ def test_game_pipeline_converges_to_nash(tmp_path: Path, cache_dir: Path) -> Non
     assert len(game["initial_distribution"]) == len(game["final_distribution"]) == len(game["nash"]) == 10
     assert abs(sum(game["final_distribution"]) - 1) < 1e-6
     assert game["kl_to_nash_initial"] > 0.1  # the run had somewhere to go...
-    assert game["kl_to_nash"] <= 0.01, game  # ...and got to the exact equilibrium
+    assert game["kl_to_nash"] <= 2e-3, game  # ...and got to the exact equilibrium (issue 8's bar)
