@@ -71,7 +71,9 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
     summary = json.loads((out / "summary.json").read_text())
     wr = summary["win_rate_vs_initial"]
     assert wr["num_prompts"] == 4 and wr["ci95_low"] <= wr["win_rate"] <= wr["ci95_high"]
-    for ckpt in ("iter_00001", "iter_00002", "final"):
+    # save_every=1: iteration 1 is a checkpoint of its own, the last iteration is `final`
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["final", "iter_00001"]
+    for ckpt in ("iter_00001", "final"):
         assert (out / "checkpoints" / ckpt / "config.json").is_file()
 
     # the final checkpoint loads with transformers and generates
