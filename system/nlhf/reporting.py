@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from nlhf.evaluation import comparisons, win_rate_report
+from nlhf.hardware import describe as describe_hardware
 from nlhf.seeding import Phase
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ def finish(s: "Session") -> dict[str, Any]:
         "policy": s.policy_path,
         "engine_dtype": s.current.dtype,
         "cluster": s.cluster,
+        "hardware": describe_hardware(),  # the driver's machine: every figure is read with its CPU capability
         "checkpoint": str(ckpt.path),
         "resumed_from": str(s.resumed_from.path) if s.resumed_from else None,
         "preference_queries": c.queries,
