@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from nlhf import interrupts
 from nlhf.algorithms.pairing import plan_queries
 from nlhf.batch import Rollout
 from nlhf.config import TrainConfig
@@ -88,7 +89,7 @@ class RolloutPool:
 
                 actor_cls = ray.remote(RolloutWorker).options(**options)
                 self.workers.append(actor_cls.remote(model_path, r, **kwargs))
-        infos = ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+        infos = interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
         self.dtype = infos[0]["dtype"]
 
     # ------------------------------------------------------------------ sampling
@@ -122,7 +123,7 @@ class RolloutPool:
         """``ray.get(ref)``; if worker i died, wait for its restart, restore its weights, call again."""
         for attempt in range(self.max_restarts + 1):
             try:
-                return ray.get(ref, timeout=self.timeout)
+                return interrupts.get(ref, timeout=self.timeout)
             except Exception as e:  # noqa: BLE001 - only actor deaths are recovered
                 if not _actor_died(e) or attempt == self.max_restarts:
                     raise
@@ -138,7 +139,7 @@ class RolloutPool:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                version = ray.get(self.workers[i].weight_version.remote(), timeout=self.timeout)
+                version = interrupts.get(self.workers[i].weight_version.remote(), timeout=self.timeout)
                 break
             except Exception as e:  # noqa: BLE001
                 if not (_actor_died(e) and wait_for_restart) or time.monotonic() > deadline:
@@ -150,7 +151,7 @@ class RolloutPool:
             raise RuntimeError(f"rollout worker {self.name}-{i} holds weight version {version}, the pool expects "
                                f"{self.expected_version}, and no weights are kept to restore it")
         self.note(f"rollout worker {self.name}-{i} holds weight version {version}, expected {self.expected_version}: re-pushing")
-        ray.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
+        interrupts.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, payload_ref: Any, version: int) -> list[dict]:
@@ -166,15 +167,15 @@ class RolloutPool:
 
     def infos(self) -> list[dict]:
         """Every worker's ``info()`` (dtype, weight version, pid, peak RSS)."""
-        return ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+        return interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
 
     def versions(self) -> list[int]:
         """The weight version each worker holds now."""
-        return ray.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
+        return interrupts.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
 
     def stats(self) -> dict[str, float]:
         """Generated tokens and tokens/s since the last call, summed over the pool's workers."""
-        parts = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
+        parts = interrupts.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
         tokens = sum(p.get("tokens", 0) for p in parts)
         seconds = max((p.get("seconds", 0.0) for p in parts), default=0.0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}

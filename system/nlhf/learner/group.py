@@ -105,9 +105,11 @@ class LearnerGroup:
         in a collective waiting for it, so waiting for all first could hang)."""
         import ray
 
+        from nlhf import interrupts
+
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = interrupts.wait(pending, num_returns=1)
             ray.get(done)
         return ray.get(refs)
 
@@ -143,10 +145,12 @@ class LearnerGroup:
         once every rank has finished the gather; hand it to rollout workers directly."""
         import ray
 
+        from nlhf import interrupts
+
         refs = [w.state_dict_bytes.remote(dtype) for w in self.workers]
         pending = list(refs)
         while pending:  # wait for all without fetching rank 0's bytes; raise on the first failure
-            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            done, pending = interrupts.wait(pending, num_returns=1, fetch_local=False)
             if done[0] is not refs[0]:
                 ray.get(done)
         return refs[0]
