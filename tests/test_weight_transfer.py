@@ -173,36 +173,55 @@ def test_zero3_source_refuses_a_shard_that_was_not_gathered():
         list(src)
 
 
+_REAL_ZERO3 = r"""
+import sys
+import deepspeed, torch
+from _learner_util import learner, make_cfg
+from nlhf.sync.weight_transfer import MiB, LearnerWeightSource
+
+with learner(make_cfg(learner={"zero_stage": 3}), sys.argv[1]) as w:
+    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in w.gathered_state_dict().items()}
+    calls = []  # (parameters, bf16 bytes) of each gather
+
+    def counted(params):
+        calls.append((len(params), sum(p.ds_numel for p in params) * 2))
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    shards = [p for p in w.engine.module.parameters() if hasattr(p, "ds_id")]
+    assert shards and all(p.numel() == 0 for p in shards)  # really partitioned outside a gather
+    limit = MiB // 8
+    src = LearnerWeightSource(w.engine.module, dtype=torch.bfloat16, device="cpu", zero3=True, bucket_bytes=limit,
+                              gather=counted)
+    assert [m.shape for m in src.metadata()] == [tuple(want[m.name].shape) for m in src.metadata()]  # no gather
+    assert calls == []
+    got = dict(src)
+    total = sum(p.ds_numel for p in shards) * 2
+    assert all(p.numel() == 0 for p in shards)  # released again
+assert set(got) == set(want), (set(got) ^ set(want))
+for name, t in want.items():
+    assert got[name].shape == t.shape and torch.equal(got[name], t), name
+assert len(calls) > 1, calls  # bucket by bucket, not the whole model at once
+assert all(nbytes <= limit or n == 1 for n, nbytes in calls), calls  # only a lone oversized tensor exceeds it
+assert sum(nbytes for _, nbytes in calls) == total  # every shard gathered exactly once
+print("gathers", len(calls))
+"""
+
+
 def test_zero3_source_with_real_deepspeed_matches_the_gathered_state_dict(tiny_model_dir):
-    """A real ZeRO-3 learner (CPU, one rank): the source's per-bucket GatheredParameters give the
-    full weights, cast, and the gathers never hold more than one bucket."""
-    import deepspeed
-    from _learner_util import learner, make_cfg
+    """A real ZeRO-3 learner (CPU, one rank; in its own process, as DeepSpeed's ZeRO-3 state does
+    not survive other learners in one process): the source's per-bucket GatheredParameters give
+    the full weights, cast, and no gather holds more than one bucket."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    cfg = make_cfg(learner={"zero_stage": 3})
-    with learner(cfg, tiny_model_dir) as w:
-        want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in w.gathered_state_dict().items()}
-        calls: list[tuple[int, int]] = []  # (parameters, bf16 bytes) of each gather
-
-        def counted(params):
-            calls.append((len(params), sum(p.ds_numel for p in params) * 2))
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-        module = w.engine.module
-        shards = [p for p in module.parameters() if hasattr(p, "ds_id")]
-        assert shards and all(p.numel() == 0 for p in shards)  # really partitioned outside a gather
-        limit = MiB // 8
-        src = LearnerWeightSource(module, dtype=torch.bfloat16, device="cpu", zero3=True, bucket_bytes=limit,
-                                  gather=counted)
-        got = dict(src)
-        total = sum(p.ds_numel for p in shards) * 2
-        assert all(p.numel() == 0 for p in shards)  # released again
-    assert set(got) == set(want)
-    for name, t in want.items():
-        assert got[name].shape == t.shape and torch.equal(got[name], t), name
-    assert len(calls) > 1  # bucket by bucket, not the whole model at once
-    assert all(nbytes <= limit or n == 1 for n, nbytes in calls)  # only a lone oversized tensor exceeds it
-    assert sum(nbytes for _, nbytes in calls) == total  # every shard gathered exactly once
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent / "system"), str(tests)]), DS_ACCELERATOR="cpu")
+    res = subprocess.run([sys.executable, "-c", _REAL_ZERO3, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert int(res.stdout.split("gathers")[-1]) > 1
 
 
 # ----------------------------------------------------------------------------- control plane

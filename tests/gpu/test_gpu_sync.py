@@ -13,20 +13,17 @@ DeepSpeed's accelerator to CPU for the whole process)::
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
-os.environ["DS_ACCELERATOR"] = "cuda"  # before DeepSpeed is imported (tests/_learner_util sets cpu by default)
-
-import json  # noqa: E402
-import secrets  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def _why_skip() -> str | None:
@@ -35,11 +32,15 @@ def _why_skip() -> str | None:
     if torch.cuda.device_count() < 2:
         return (f"{torch.cuda.device_count()} CUDA device: NCCL needs the learner and the engine on different GPUs "
                 "(2 needed)")
-    for module in ("vllm", "deepspeed"):
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001
-            return f"{module} is not importable ({type(e).__name__}: {e})"
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"vllm is not importable ({type(e).__name__}: {e})"
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed"
+    os.environ["DS_ACCELERATOR"] = "cuda"  # before DeepSpeed is imported (tests/_learner_util defaults to cpu)
     return None
 
 
