@@ -7,11 +7,11 @@ PyNcclCommunicator itself stays silent: shown here). The end-to-end GPU check is
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 
 import pytest
 import torch
+from _learner_util import free_port
 
 from nlhf.sync.weight_transfer import (
     MiB,
@@ -288,19 +288,13 @@ def test_require_nccl_names_the_problem(monkeypatch):
         require_nccl("rollout worker rank 0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_communicator_without_nccl_is_silent_and_check_communicator_is_not():
     """Two ranks build vLLM's PyNcclCommunicator without an NCCL library: no error, and a
     broadcast 'succeeds' while sending nothing. check_communicator turns that into an error."""
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
-    port, comms = _free_port(), [None, None]
+    port, comms = free_port(), [None, None]
 
     def join(rank: int) -> None:
         pg = StatelessProcessGroup.create(host="127.0.0.1", port=port, rank=rank, world_size=2, store_timeout=60)
@@ -330,7 +324,7 @@ def test_sender_without_nccl_fails_before_any_engine_is_contacted():
         pytest.skip("CUDA present: this checks the CPU-only failure")
     engine = FakeEngine()
     with pytest.raises(NcclUnavailableError, match="learner rank 0"):
-        WeightTransferSender(Tiny(), rank=0, master_address="127.0.0.1", master_port=_free_port(), world_size=2,
+        WeightTransferSender(Tiny(), rank=0, master_address="127.0.0.1", master_port=free_port(), world_size=2,
                              client=PoolClient([engine], [1]), dtype=torch.float32, device="cpu")
     assert engine.calls == []  # no preflight, no rendezvous started: nothing left waiting
 
