@@ -43,7 +43,7 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
         "policy.source=tiny-random", "policy.dtype=float32", f"output_dir={out}", f"cache_dir={cache_dir}",
         f"judge.path={judge_dir}", f"judge.train.encoder={encoder}", "judge.train.max_train_pairs=16",
         "judge.train.max_val_pairs=8", "judge.train.max_length=64", "judge.train.freeze_layers=1", "judge.max_length=64",
-        "iterations=2", "save_every=1", "data.eval_num_prompts=4",
+        "iterations=2", "save_every=1", "win_rate_every=1", "data.eval_num_prompts=4",
         "rollout.max_new_tokens=8", "cluster.dashboard=false", "learner.optimizer.lr=1e-3", "progress=plain",
     ], timeout=900)
     assert "training it first" in proc.stdout + proc.stderr
