@@ -170,8 +170,6 @@ ALGORITHMS: dict[str, Callable[[Session, int, Iteration], None]] = {
 
 
 # ----------------------------------------------------------------------------- the run
-
-
 def train(cfg: TrainConfig, *, overwrite: bool = False, resume_command: str = "") -> dict:
     """Run ``cfg.iterations`` iterations of ``cfg.algorithm.name``; return the run summary
     (also in ``summary.json``). Resumes from the newest checkpoint when ``cfg.resume``.

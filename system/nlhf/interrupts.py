@@ -1,6 +1,6 @@
 """Ctrl-C / SIGTERM for the driver, and Ray waits that let them through.
 
-Measured with ray 2.5x on this machine: a Python signal handler does not run while the driver
+Measured with ray 2.60 on this machine: a Python signal handler does not run while the driver
 blocks in ``ray.get`` / ``ray.wait`` without a timeout (a SIGINT during a 60 s learner step is
 handled after the step), and an exception raised by the handler inside Ray's wait surfaces as
 ``SystemError: ... returned a result with an exception set`` instead of the exception. So:
