@@ -53,7 +53,9 @@ class RolloutPool:
 
     def __init__(self, name: str, cfg: TrainConfig, model_path: str, *, placement_group: PlacementGroup | None,
                  first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str], counters: Counters,
-                 note: Note = print, reference_path: str | None = None) -> None:
+                 note: Note = print, reference_path: str | None = None, actor_prefix: str | None = None) -> None:
+        """``actor_prefix``: workers are named ``<actor_prefix>-rollout-<name>-<i>`` (as the Ray
+        dashboard and state API show them); None leaves them unnamed."""
         r = cfg.rollout
         self.name = name
         self.counters = counters
@@ -74,6 +76,8 @@ class RolloutPool:
                 "max_restarts": self.max_restarts,
                 "max_task_retries": 0,  # the pool re-syncs weights before retrying
             }
+            if actor_prefix is not None:
+                options["name"] = f"{actor_prefix}-rollout-{name}-{i}"
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=first_bundle + i
