@@ -15,6 +15,11 @@ Nothing is pickled, so loading needs no ``torch.load`` at all. The module weight
 in the trainer state too, so the resume is exact whatever dtype the HF checkpoint was written
 in; a fresh learner built from the HF checkpoint folder (``LearnerWorker(cfg, ckpt, ref)``) then
 ``load_trainer_state(path)`` is the resume recipe.
+
+With LoRA (``learner.lora``) theta is the adapter: the trainer state holds the adapter's
+tensors and their AdamW state only, while the engines' weights and the HF checkpoint are the
+merged ``W + (alpha / rank) B A`` under the base model's names; a resumed LoRA learner rebuilds
+its frozen base from ``reference_path`` and its adapter from the trainer state.
 """
 
 from __future__ import annotations
@@ -110,8 +115,15 @@ class ExportMixin:
         return out if mine else None
 
     def _named_weights(self):
-        """(HF name, tensor) of every parameter (tied ones once) and persistent buffer; call inside ``_gathered``."""
+        """(HF name, tensor) of every parameter (tied ones once) and persistent buffer; call inside
+        ``_gathered``. With LoRA: the merged weights under the base model's names
+        (:func:`nlhf.learner.lora.merged_named_weights`)."""
         module = self.engine.module
+        if getattr(self, "lora", None) is not None:
+            from nlhf.learner.lora import merged_named_weights
+
+            yield from merged_named_weights(module)
+            return
         keys = set(module.state_dict().keys())
         yield from module.named_parameters()  # removes duplicates (tied weights)
         for name, b in module.named_buffers():
