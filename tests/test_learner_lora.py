@@ -14,8 +14,8 @@ from _learner_util import PREF, assert_same, batch_for, deep_clone, free_port, l
 from nlhf.batch import StepBatch  # noqa: E402
 from nlhf.config import ConfigError, TrainConfig, load_model  # noqa: E402
 
-LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj",
-                                                                    "down_proj"]}
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "base_dtype": "float32",
+        "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +278,30 @@ def test_trainer_state_holds_the_adapter_and_resumes_bit_exactly(tiny_model_dir,
     with learner(full, tiny_model_dir) as w:
         with pytest.raises(RuntimeError, match="layout"):
             w.load_trainer_state(str(tmp_path / "state"))
+
+
+def test_bf16_base_keeps_an_fp32_adapter_and_exports_merged_fp32(tiny_model_dir, tok, tmp_path):
+    """``base_dtype: bfloat16``: the frozen base (and so pi_ref) is bf16, the adapter and its
+    AdamW state fp32; pi_ref equals the base model loaded in bf16, and the merged export is
+    ``fp32(W_bf16) + s B A`` (the delta is not rounded to bf16 before it reaches the engines'
+    cast)."""
+    from safetensors.torch import load
+    from transformers import AutoModelForCausalLM
+
+    rollouts = make_rollouts(tok)
+    cfg = make_cfg({"lora": {**LORA, "base_dtype": "bfloat16"}}, {"inner_steps": 2})
+    base16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    with learner(cfg, tiny_model_dir) as w:
+        assert w.reference_dtype == torch.bfloat16
+        dtypes = {p.requires_grad: p.dtype for p in w.engine.module.parameters()}
+        assert dtypes == {True: torch.float32, False: torch.bfloat16}
+        _iterate(w, rollouts)
+        ref = torch.tensor(w.sequence_logprobs(rollouts, "reference"))
+        named = dict(w.engine.module.named_parameters())
+        a = named["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].detach().clone()
+        b = named["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].detach().clone()
+        sd = load(w.state_dict_bytes("float32"))
+    torch.testing.assert_close(ref, naive_logprobs(base16, rollouts), atol=1e-5, rtol=1e-5)
+    w16 = base16.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    want = w16.float() + (LORA["alpha"] / LORA["rank"]) * (b @ a)
+    torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], want, atol=1e-6, rtol=1e-6)

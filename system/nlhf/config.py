@@ -253,7 +253,10 @@ class LoraConfig(Strict):
     layer named in ``target_modules`` (module-name suffixes, e.g. ``q_proj``) computes
     ``W x + (alpha / rank) B A dropout(x)`` with ``A`` (rank, in) and ``B`` (out, rank), ``B = 0``
     at the start. The base weights are frozen; the reference policy is the base with the adapter
-    disabled; the engines and checkpoints get the merged weights ``W + (alpha / rank) B A``."""
+    disabled; the engines and checkpoints get the merged weights ``W + (alpha / rank) B A``.
+    ``base_dtype``: the frozen base's dtype (and so pi_ref's); ``auto`` = bf16 where the hardware
+    computes it natively (:func:`nlhf.hardware.resolve_dtype`), fp32 otherwise. The adapter
+    (and its optimiser state) stays fp32 under ``learner.precision: fp32``."""
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
@@ -261,6 +264,7 @@ class LoraConfig(Strict):
     target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1)
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class LearnerConfig(Strict):

@@ -77,8 +77,9 @@ def _hf_name(name: str) -> str:
 def merged_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(HF name, tensor)`` of the merged policy, in the base model's parameter order: every
     parameter (tied ones once, as ``named_parameters`` gives them) and persistent buffer, each
-    LoRA-adapted ``*.weight`` replaced by ``W + s B A`` (a fresh tensor of W's shape and dtype,
-    computed when the pair is reached, so one merged tensor is alive at a time); the adapter's
+    LoRA-adapted ``*.weight`` replaced by ``W + s B A`` (a fresh tensor of W's shape, in the wider
+    of W's and the adapter's dtypes, e.g. fp32 for a bf16 base with an fp32 adapter, computed when
+    the pair is reached, so one merged tensor is alive at a time); the adapter's
     own ``lora_*`` tensors are left out. Names are exactly those of the base model's
     ``state_dict`` without peft (``...q_proj.weight``, not ``...q_proj.base_layer.weight``).
 
@@ -95,10 +96,11 @@ def merged_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Te
         owner = hf.rsplit(".", 1)[0]
         layer = layers.get(owner)
         if layer is not None and hf.endswith(".weight") and not layer.disable_adapters and not layer.merged:
-            w = p.detach().clone()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    w += layer.get_delta_weight(adapter).to(w.dtype)
+            deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+            dtype = torch.promote_types(p.dtype, deltas[0].dtype) if deltas else p.dtype
+            w = p.detach().to(dtype=dtype, copy=True)
+            for d in deltas:
+                w += d.to(dtype)
             yield hf, w
         else:
             yield hf, p

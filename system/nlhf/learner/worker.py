@@ -44,7 +44,8 @@ natively (:func:`nlhf.hardware.resolve_dtype` of ``learner.reference_dtype``, de
 ``auto``), fp32 otherwise; no anchor copy in snapshot mode.
 
 LoRA (``learner.lora``, :mod:`nlhf.learner.lora`): the policy is the base model (read from
-``reference_path``, in the training precision, frozen) with a peft LoRA adapter; pi_ref is the
+``reference_path``, frozen, in ``learner.lora.base_dtype``: bf16 where native by default; the
+adapter in the training precision) with a peft LoRA adapter; pi_ref is the
 same module with the adapter disabled (no reference copy); AdamW, the theta_k snapshot and the
 trainer state hold the adapter's tensors only; exports and checkpoints are the merged weights.
 
@@ -167,8 +168,11 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         # Frozen copies first: once an HfDeepSpeedConfig with ZeRO-3 lives, from_pretrained partitions.
         # LoRA: no copy, pi_ref is the policy's base with the adapter disabled
         self.reference = None if self.lora is not None else frozen(self.reference_path, self.reference_dtype)
+        self.base_dtype = self.dtype  # the policy's frozen weights
         if self.lora is not None:
-            self.reference_dtype = self.dtype
+            if self.dtype == torch.float32:
+                self.base_dtype = getattr(torch, resolve_dtype(self.lora.base_dtype, gpu=use_gpu))
+            self.reference_dtype = self.base_dtype
         # EMA needs fp32 accumulation; snapshot mode's anchor pi_k is the policy's own weights at theta_k
         self.anchor = frozen(self.policy_path, torch.float32) if cfg.algorithm.anchor == "ema" else None
 
@@ -178,7 +182,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: makes from_pretrained zero.Init
         policy = AutoModelForCausalLM.from_pretrained(
-            self.policy_path if self.lora is None else self.reference_path, dtype=self.dtype)
+            self.policy_path if self.lora is None else self.reference_path, dtype=self.base_dtype)
         if lc.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if self.lora is not None:
