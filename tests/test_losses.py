@@ -257,6 +257,21 @@ def test_pg_clip_stops_only_the_push_beyond_the_trust_region():
     torch.testing.assert_close(grad, torch.tensor([-0.5 * rho, 0.5 * rho, 0.5 / rho, -0.5], dtype=DT) / 4)
 
 
+def test_pg_dual_clip_bounds_a_negative_weight_at_a_huge_ratio():
+    # Sample 0: ratio e^5 and w < 0: the pessimistic bound alone keeps rho * w (gradient ~74 w);
+    #           the dual clip floors the term at 3 w, with no gradient.
+    # Sample 1: ratio 2 and w < 0: below the dual clip, kept (gradient w * rho).
+    logp = torch.tensor([5.0, math.log(2.0)], dtype=DT, requires_grad=True)
+    sampler = torch.zeros(2, dtype=DT)
+    ref = logp.detach().clone()
+    pref = torch.tensor([0.0, 0.0], dtype=DT)  # w = -1/2 for both
+    out = proximal_pg_loss(logp, ref, ref, sampler, pref, beta=0.1, eta=0.1, clip=0.2)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.5 * 2.0 / 2], dtype=DT))
+    torch.testing.assert_close(out.loss, torch.tensor(-(3 * -0.5 + 2.0 * -0.5) / 2, dtype=DT))
+    assert out.metrics["clip_frac"] == pytest.approx(0.5)
+
+
 def test_pg_huge_log_ratio_stays_finite():
     logp = torch.tensor([500.0, -500.0, 0.0], dtype=DT, requires_grad=True)
     zeros = torch.zeros(3, dtype=DT)

@@ -86,13 +86,16 @@ def test_game_on_two_nodes(two_node_cluster, tmp_path: Path, cache_dir: Path) ->
     state = cluster.run(0, [sys.executable, "-c", STATE, cluster.dashboard], timeout=120)
     assert state.returncode == 0, state.stderr[-3000:]
     info = json.loads(state.stdout.strip().splitlines()[-1])
-    pg = next(p for p in info["pgs"] if p["name"] == f"{RUN}-pg")
+    # the placement group is named <run_name>-<run id>-pg (a unique run id per run)
+    pg = next(p for p in info["pgs"] if p["name"].startswith(f"{RUN}-") and p["name"].endswith("-pg"))
     assert pg["bundles"][:2] == [head, worker]  # rank 0 on the head, rank 1 on the worker
     assert pg["bundles"][2:] == [worker] * 2  # the engine of each pool
     learners = [a for a in info["actors"] if a["class"] == "LearnerWorker"]
     assert len(learners) == 2 and {a["node"] for a in learners} == {head, worker}
     rollouts = [a for a in info["actors"] if a["class"] == "RolloutWorker"]
-    assert {a["name"] for a in rollouts} == {f"{RUN}-rollout-current-0", f"{RUN}-rollout-extrapolated-0"}
+    names = sorted(a["name"] for a in rollouts)
+    assert len(names) == 2 and all(n.startswith(f"{RUN}") for n in names), names
+    assert names[0].endswith("rollout-current-0") and names[1].endswith("rollout-extrapolated-0"), names
     assert {a["node"] for a in rollouts} == {worker}
 
 

@@ -308,7 +308,10 @@ class LearnerConfig(Strict):
 
 
 class SyncConfig(Strict):
-    """Learner -> rollout weight transport: Ray object store (CPU) or NCCL broadcast (GPU)."""
+    """Learner -> rollout weight transport: ``object_store`` (safetensors bytes through Ray's object
+    store; CPU and GPU) or ``nccl`` (GPU only: vLLM's weight-transfer API, ``nccl`` backend, packed;
+    see :mod:`nlhf.sync.weight_transfer`). ``bucket_mb``: for ``nccl``, the packed buffer size and
+    the most weights gathered at once under ZeRO-3 (MiB)."""
 
     backend: Literal["object_store", "nccl"] = "object_store"
     bucket_mb: float = Field(256.0, gt=0)

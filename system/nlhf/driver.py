@@ -21,12 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from nlhf import interrupts
 from nlhf.algorithms import pairing
 from nlhf.algorithms.pairing import Pairing
 from nlhf.batch import Rollout, StepBatch
 from nlhf.config import TrainConfig
 from nlhf.data.prompts import Prompt
 from nlhf.seeding import Phase
+from nlhf.interrupts import Interrupted  # noqa: F401  (re-exported: nlhf.driver.Interrupted)
 from nlhf.session import Session
 
 
@@ -168,14 +170,6 @@ ALGORITHMS: dict[str, Callable[[Session, int, Iteration], None]] = {
 
 
 # ----------------------------------------------------------------------------- the run
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the driver."""
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def train(cfg: TrainConfig, *, overwrite: bool = False, resume_command: str = "") -> dict:
     """Run ``cfg.iterations`` iterations of ``cfg.algorithm.name``; return the run summary
     (also in ``summary.json``). Resumes from the newest checkpoint when ``cfg.resume``.
@@ -187,11 +181,12 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume_command: str = ""
     from nlhf import reporting
 
     step = ALGORITHMS[cfg.algorithm.name]
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.reset()
+    previous = {sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Session.start(cfg, overwrite=overwrite, resume_command=resume_command) as s:
             for sig in previous:  # ray.init may have installed its own handlers
-                signal.signal(sig, _on_signal)
+                signal.signal(sig, interrupts.handler)
             try:
                 reporting.evaluate_initial_policy(s)
                 while s.state.iteration < cfg.iterations:

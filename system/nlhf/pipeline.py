@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from nlhf import interrupts
 from nlhf.algorithms.pairing import plan_queries
 from nlhf.batch import Rollout
 from nlhf.config import TrainConfig
@@ -52,7 +53,9 @@ class RolloutPool:
 
     def __init__(self, name: str, cfg: TrainConfig, model_path: str, *, placement_group: PlacementGroup | None,
                  first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str], counters: Counters,
-                 note: Note = print, reference_path: str | None = None) -> None:
+                 note: Note = print, reference_path: str | None = None, actor_prefix: str | None = None) -> None:
+        """``actor_prefix``: workers are named ``<actor_prefix>-rollout-<name>-<i>`` (as the Ray
+        dashboard and state API show them); None leaves them unnamed."""
         r = cfg.rollout
         self.name = name
         self.counters = counters
@@ -62,6 +65,8 @@ class RolloutPool:
         self.expected_version = 0
         self._payload: Any = None  # ObjectRef of the weights of expected_version (None: initial weights)
         mixture = name == "extrapolated" and cfg.algorithm.name == "nash-md-pg"
+        # vLLM engines take sync.backend nccl; the mixture sampler (transformers) takes bytes
+        self.weight_transfer = "nccl" if cfg.sync.backend == "nccl" and not mixture else None
         self.workers = []
         for i in range(r.num_workers):
             options: dict[str, Any] = {
@@ -71,6 +76,8 @@ class RolloutPool:
                 "max_restarts": self.max_restarts,
                 "max_task_retries": 0,  # the pool re-syncs weights before retrying
             }
+            if actor_prefix is not None:
+                options["name"] = f"{actor_prefix}-rollout-{name}-{i}"
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=first_bundle + i
@@ -87,8 +94,8 @@ class RolloutPool:
                 from nlhf.rollout.worker import RolloutWorker
 
                 actor_cls = ray.remote(RolloutWorker).options(**options)
-                self.workers.append(actor_cls.remote(model_path, r, **kwargs))
-        infos = ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+                self.workers.append(actor_cls.remote(model_path, r, weight_transfer=self.weight_transfer, **kwargs))
+        infos = interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
         self.dtype = infos[0]["dtype"]
 
     # ------------------------------------------------------------------ sampling
@@ -122,7 +129,7 @@ class RolloutPool:
         """``ray.get(ref)``; if worker i died, wait for its restart, restore its weights, call again."""
         for attempt in range(self.max_restarts + 1):
             try:
-                return ray.get(ref, timeout=self.timeout)
+                return interrupts.get(ref, timeout=self.timeout)
             except Exception as e:  # noqa: BLE001 - only actor deaths are recovered
                 if not _actor_died(e) or attempt == self.max_restarts:
                     raise
@@ -138,7 +145,7 @@ class RolloutPool:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                version = ray.get(self.workers[i].weight_version.remote(), timeout=self.timeout)
+                version = interrupts.get(self.workers[i].weight_version.remote(), timeout=self.timeout)
                 break
             except Exception as e:  # noqa: BLE001
                 if not (_actor_died(e) and wait_for_restart) or time.monotonic() > deadline:
@@ -147,10 +154,12 @@ class RolloutPool:
         if version == self.expected_version:
             return
         if self._payload is None:
+            why = (" (they came over NCCL, sync.backend: nccl, which keeps no copy; resume from the last checkpoint)"
+                   if self.weight_transfer else "")
             raise RuntimeError(f"rollout worker {self.name}-{i} holds weight version {version}, the pool expects "
-                               f"{self.expected_version}, and no weights are kept to restore it")
+                               f"{self.expected_version}, and no weights are kept to restore it{why}")
         self.note(f"rollout worker {self.name}-{i} holds weight version {version}, expected {self.expected_version}: re-pushing")
-        ray.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
+        interrupts.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, payload_ref: Any, version: int) -> list[dict]:
@@ -164,17 +173,22 @@ class RolloutPool:
         refs = {i: call(i) for i in range(len(self.workers))}
         return [self._get_with_recovery(i, refs[i], call) for i in refs]
 
+    def mark_pushed(self, version: int) -> None:
+        """Record a push that did not go through :meth:`load_weights` (vLLM's weight transfer): the
+        pool now expects ``version`` and keeps no payload to re-push."""
+        self._payload, self.expected_version = None, version
+
     def infos(self) -> list[dict]:
         """Every worker's ``info()`` (dtype, weight version, pid, peak RSS)."""
-        return ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
+        return interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
 
     def versions(self) -> list[int]:
         """The weight version each worker holds now."""
-        return ray.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
+        return interrupts.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
 
     def stats(self) -> dict[str, float]:
         """Generated tokens and tokens/s since the last call, summed over the pool's workers."""
-        parts = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
+        parts = interrupts.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
         tokens = sum(p.get("tokens", 0) for p in parts)
         seconds = max((p.get("seconds", 0.0) for p in parts), default=0.0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
@@ -275,26 +289,65 @@ class WeightSync:
 
     ``object_store``: learner rank 0 packs the gathered (ZeRO-3 aware) state dict into
     safetensors bytes in the pool's engine dtype once; the ObjectRef goes to every worker of the
-    pool, which reloads its engine in place. Every push carries the next weight version of that
-    pool (``RunState.weight_versions``); the pool checks it before its rollouts are used.
+    pool, which reloads its engine in place. ``nccl``: vLLM's weight-transfer API, one packed NCCL
+    group per pool of vLLM engines (:mod:`nlhf.sync.weight_transfer`), opened here with the
+    rendezvous on learner rank 0's node and reopened when :attr:`learners` is replaced (a new
+    learner group after a restart); a mixture-sampler pool (``nash-md-pg``) keeps the object store.
+    Every push carries the next weight version of that pool (``RunState.weight_versions``); the
+    pool checks it before its rollouts are used.
+
+    Raises:
+        NcclUnavailableError (``nccl``): NCCL cannot run on learner rank 0 or an engine.
     """
 
     def __init__(self, cfg: TrainConfig, learners: Any, pools: dict[str, RolloutPool], counters: Counters,
                  versions: dict[str, int]) -> None:
-        if cfg.sync.backend != "object_store":
-            raise NotImplementedError(f"sync.backend {cfg.sync.backend!r}: only 'object_store' is wired in this driver")
-        self.learners = learners
+        if cfg.sync.backend not in ("object_store", "nccl"):
+            raise ValueError(f"sync.backend must be 'object_store' or 'nccl', got {cfg.sync.backend!r}")
+        self.cfg = cfg
         self.pools = pools
         self.counters = counters
         self.versions = versions
+        self._groups: set[str] = set()  # pools with an open vLLM transfer group
+        self._learners: Any = None
+        self.learners = learners
+
+    @property
+    def learners(self) -> Any:
+        """The learner group the weights come from; assigning one (re)opens the transfer groups."""
+        return self._learners
+
+    @learners.setter
+    def learners(self, group: Any) -> None:
+        from nlhf.learner.group import rendezvous_address
+        from nlhf.sync.weight_transfer import PoolClient, rank_offsets
+
+        for name in sorted(self._groups):  # the old trainer end is gone: the engines leave its group
+            workers = self.pools[name].workers
+            try:
+                PoolClient(workers, [0] * len(workers), timeout_s=60).shutdown_weight_transfer_engine()
+            except Exception:  # noqa: BLE001 - best effort: the group is rebuilt below either way
+                pass
+        self._groups.clear()
+        self._learners = group
+        for name, pool in self.pools.items():
+            if pool.weight_transfer is None:
+                continue
+            addr, port = rendezvous_address(getattr(group, "placement_group", None), 0)  # learner rank 0's node
+            offsets, world = rank_offsets([self.cfg.rollout.tensor_parallel_size] * len(pool.workers))
+            group.init_weight_transfer(name, addr, port, world, pool.workers, offsets, pool.dtype)
+            self._groups.add(name)
 
     def push(self, pool_name: str) -> dict[str, float]:
         """Send the learner's current weights to one pool as its next version; returns seconds and bytes."""
         pool = self.pools[pool_name]
         t0 = time.perf_counter()
-        ref = self.learners.state_dict_ref(pool.dtype)
         version = self.versions[pool_name] + 1
-        results = pool.load_weights(ref, version)
+        if pool_name in self._groups:
+            results = [self.learners.push_weights(pool_name, version)]
+            pool.mark_pushed(version)
+        else:
+            results = pool.load_weights(self.learners.state_dict_ref(pool.dtype), version)
         self.versions[pool_name] = version
         dt = time.perf_counter() - t0
         nbytes = float(max((r.get("bytes", 0) for r in results), default=0))

@@ -202,7 +202,8 @@ class Session:
         check_gpu_roles(cfg)  # the GPUs Ray hands out work, before the first GPU actor starts
         self.env = actor_env()
         self.action_ids = action_ids
-        self.pg = make_placement_group(cfg, f"{cfg.run_name}-{self.state.run_id}-pg")
+        prefix = f"{cfg.run_name}-{self.state.run_id}"  # unique per run: two runs on one cluster never collide
+        self.pg = make_placement_group(cfg, f"{prefix}-pg")
         self._start_learners()
         first = cfg.learner.num_learners
         pools = {}
@@ -210,7 +211,7 @@ class Session:
             pools[name] = RolloutPool(name, cfg, self.policy_path, placement_group=self.pg,
                                       first_bundle=first + i * cfg.rollout.num_workers, action_token_ids=action_ids,
                                       env=self.env, counters=self.state.counters, note=self.note,
-                                      reference_path=self.reference_path)
+                                      reference_path=self.reference_path, actor_prefix=prefix)
         self.current, self.extrapolated = pools["current"], pools["extrapolated"]
         self.note(f"rollout engines in {self.current.dtype} (policy.dtype {cfg.policy.dtype}, "
                   f"CPU capability {_cpu_capability()})")

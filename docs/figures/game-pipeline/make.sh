@@ -10,9 +10,11 @@ nlhf=${NLHF:-$repo/.venv/bin/nlhf}
 python=${PYTHON:-$repo/.venv/bin/python}
 runs=$(mktemp -d /tmp/nlhf-game-pipeline-XXXXXX)
 cd "$repo"
-for a in nash-mp online-ipo egpo nash-md-pg; do
+for a in ${ALGORITHMS:-nash-mp online-ipo egpo nash-md-pg}; do
+  extra=""  # EGPO judges each response against opponents other than its pair partner: 2 of 3 siblings
+  [ "$a" = egpo ] && extra="algorithm.opponents_per_response=2"
   $nlhf train --config configs/game-cpu.yaml algorithm.name=$a output_dir=$runs/$a progress=plain \
-      win_rate_every=0 cluster.dashboard=false > "$runs/$a.log" 2>&1
+      win_rate_every=0 cluster.dashboard=false $extra > "$runs/$a.log" 2>&1
   "$python" "$here/plot.py" extract "$runs/$a" "$here/$a.json"
 done
 # Exact Nash-MP from the pipeline's own starting policy (the tiny LM's initial action distribution).

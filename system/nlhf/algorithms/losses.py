@@ -65,6 +65,9 @@ __all__ = [
 # differences can be tens of nats; without the cap exp() overflows to inf and the clipped
 # surrogate's backward produces 0 * inf = NaN.  Beyond the cap the sample gets no gradient.
 LOG_RATIO_CAP = 20.0
+DUAL_CLIP = 3.0
+"""Dual-clip constant c of :func:`_clipped_pg` (Ye et al. 2020 use c = 3): a term with a negative
+weight is at least ``c * w``."""
 
 
 class LossOutput(NamedTuple):
@@ -163,12 +166,17 @@ def _clipped_pg(
     logp: torch.Tensor, logp_sampler: torch.Tensor, weight: torch.Tensor, clip: float | None,
     sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Importance-weighted REINFORCE surrogate with a PPO-style pessimistic clip.
+    """Importance-weighted REINFORCE surrogate with a PPO-style pessimistic clip and a dual clip.
 
     ``weight`` is detached.  With ``rho = pi_theta / mu`` the per-sample objective is
     ``min(rho * w, clip(rho, 1 - clip, 1 + clip) * w)`` (``rho * w`` when ``clip`` is None);
     the loss is minus its batch mean (each term times ``sample_weight`` when given).  Its gradient is ``-mean(w * rho * grad log pi_theta)``
     over the samples whose clipped branch is not selected, zero for the others.
+
+    Dual clip (Ye et al. 2020, arXiv:1912.09729, eq. 5): for ``w < 0`` the pessimistic bound alone
+    keeps ``rho * w`` however large ``rho`` is, and a sequence-level ratio of a language model
+    reaches ``e^20`` after one optimiser step, so one sample's gradient would swamp the batch.
+    With ``clip`` set, such terms are floored at ``DUAL_CLIP * w`` (and then carry no gradient).
     """
     log_rho = (logp - logp_sampler).clamp(max=LOG_RATIO_CAP)
     rho = torch.exp(log_rho)
@@ -182,6 +190,10 @@ def _clipped_pg(
         objective = torch.minimum(unclipped, clipped)
         # The clipped branch is the one taken (and has no gradient) when it is strictly lower.
         clipped_mask = (clipped < unclipped).detach()
+        floor = DUAL_CLIP * weight
+        dual = (weight < 0) & (objective < floor).detach()
+        objective = torch.where(dual, floor, objective)
+        clipped_mask = clipped_mask | dual
     loss = -(objective if sample_weight is None else objective * sample_weight).mean()
     with torch.no_grad():
         r = rho.detach()

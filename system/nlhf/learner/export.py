@@ -298,35 +298,51 @@ class ExportMixin:
         self._cache = None
         self._barrier()
 
-    # ------------------------------------------------------------------ NCCL (or gloo) weight broadcast
-    def init_weight_sender(self, name: str, master_addr: str, master_port: int, world_size: int) -> None:
-        """Rank 0: open the weight-sync group ``name`` to a rollout pool as its sender (rank 0 of a
-        group of ``world_size`` = 1 + the pool's engine ranks; nccl on GPU, gloo on CPU; see
-        :class:`nlhf.sync.nccl.NcclWeightSender`). Blocks until the pool's receivers join. Other
-        ranks do nothing."""
-        if self.rank != 0:
-            return
-        from nlhf.sync.nccl import NcclWeightSender
-
-        backend = "nccl" if self.cfg.learner.num_gpus > 0 else "gloo"
-        self._senders[name] = NcclWeightSender(master_addr, master_port, world_size, backend=backend,
-                                               device=self.device if backend == "nccl" else None)
-
-    def send_weights(self, name: str, bucket_mb: float = 256.0) -> dict:
-        """Broadcast the gathered policy weights over sync group ``name`` (collective over the
-        learner ranks, which all take part in the gather; rank 0 sends).
-
-        Returns:
-            rank 0: the sender's stats dict; other ranks: ``{}``.
+    # ------------------------------------------------------------------ vLLM weight transfer (GPU)
+    def init_weight_transfer(self, name: str, master_address: str, master_port: int, world_size: int,
+                             workers: list, rank_offsets: list[int], dtype: str) -> None:
+        """Open vLLM's ``nccl`` weight-transfer group ``name`` to one rollout pool (collective: every
+        rank builds its :class:`nlhf.sync.weight_transfer.WeightTransferSender`; rank 0 hosts the
+        rendezvous at ``master_address:master_port``, on its own node, and makes the pool's
+        ``workers`` (Ray handles) join at ``rank_offsets``). Packed buffers and ZeRO-3 gather
+        buckets are ``sync.bucket_mb`` MiB; tensors go in the engines' ``dtype``.
 
         Raises:
-            KeyError: rank 0 has no sender called ``name`` (``init_weight_sender`` first).
+            ValueError: an unknown ``dtype``, or a group ``name`` already open.
+            NcclUnavailableError: NCCL cannot run on rank 0 or on an engine.
         """
-        if self.rank == 0 and name not in self._senders:
-            raise KeyError(f"no weight sender {name!r}: call init_weight_sender first")
-        sd = self.gathered_state_dict()
-        if self.rank != 0:
-            return {}
-        if self.device.type == "cuda":
-            sd = {k: v.to(self.device) for k, v in sd.items()}
-        return self._senders[name].send(sd, bucket_mb)
+        from nlhf.sync.weight_transfer import MiB, PoolClient, WeightTransferSender
+
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
+        if name in self._senders:
+            raise ValueError(f"weight-transfer group {name!r} is already open")
+        client = (PoolClient(workers, rank_offsets, timeout_s=self.cfg.fault_tolerance.actor_timeout_s)
+                  if self.rank == 0 else None)
+        self._senders[name] = WeightTransferSender(
+            self.engine.module, rank=self.rank, master_address=master_address, master_port=master_port,
+            world_size=world_size, client=client, dtype=getattr(torch, dtype), device=self.device,
+            zero3=self._zero3(), bucket_bytes=int(self.cfg.sync.bucket_mb * MiB))
+
+    def push_weights(self, name: str, version: int) -> dict:
+        """Send the current policy weights over group ``name`` as weight ``version`` (collective:
+        all ranks take part in the ZeRO-3 gathers; rank 0 broadcasts and sets the version).
+
+        Returns:
+            rank 0: ``{"seconds", "bytes", "tensors", "version"}``; other ranks ``{}``.
+
+        Raises:
+            KeyError: no group ``name`` (``init_weight_transfer`` first).
+        """
+        if name not in self._senders:
+            raise KeyError(f"no weight-transfer group {name!r}: call init_weight_transfer first")
+        t0 = time.perf_counter()
+        out = self._senders[name].push(version)
+        self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
+        return out
+
+    def close_weight_transfer(self, name: str) -> None:
+        """Close group ``name`` (no-op if it is not open)."""
+        sender = self._senders.pop(name, None)
+        if sender is not None:
+            sender.close()

@@ -105,9 +105,11 @@ class LearnerGroup:
         in a collective waiting for it, so waiting for all first could hang)."""
         import ray
 
+        from nlhf import interrupts
+
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = interrupts.wait(pending, num_returns=1)
             ray.get(done)
         return ray.get(refs)
 
@@ -143,10 +145,12 @@ class LearnerGroup:
         once every rank has finished the gather; hand it to rollout workers directly."""
         import ray
 
+        from nlhf import interrupts
+
         refs = [w.state_dict_bytes.remote(dtype) for w in self.workers]
         pending = list(refs)
         while pending:  # wait for all without fetching rank 0's bytes; raise on the first failure
-            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            done, pending = interrupts.wait(pending, num_returns=1, fetch_local=False)
             if done[0] is not refs[0]:
                 ray.get(done)
         return refs[0]
@@ -177,14 +181,19 @@ class LearnerGroup:
 
         return self._all("token_logprobs", ray.put(rollouts), which)[0]
 
-    def init_weight_sender(self, name: str, master_addr: str, master_port: int, world_size: int) -> None:
-        """Rank 0 joins weight-sync group ``name`` as sender (blocks until the receivers join)."""
-        self._all("init_weight_sender", name, master_addr, master_port, world_size)
+    def init_weight_transfer(self, name: str, master_address: str, master_port: int, world_size: int,
+                             workers: list[Any], rank_offsets: list[int], dtype: str) -> None:
+        """:meth:`LearnerWorker.init_weight_transfer` on all ranks: open vLLM's ``nccl`` transfer group
+        ``name`` to a rollout pool's ``workers`` (rank 0 drives them; returns once they joined)."""
+        self._all("init_weight_transfer", name, master_address, master_port, world_size, workers, rank_offsets, dtype)
 
-    def send_weights_nccl(self, name: str, bucket_mb: float = 256.0) -> tuple[None, list[Any]]:
-        """Start a weight broadcast over group ``name`` without waiting; returns ``(None, refs)``:
-        the receivers need no metadata, and ``ray.get(refs)`` waits for the send (all ranks gather)."""
-        return None, [w.send_weights.remote(name, bucket_mb) for w in self.workers]
+    def push_weights(self, name: str, version: int) -> dict:
+        """:meth:`LearnerWorker.push_weights` on all ranks; rank 0's ``{"seconds", "bytes", "tensors", "version"}``."""
+        return self._all("push_weights", name, version)[0]
+
+    def close_weight_transfer(self, name: str) -> None:
+        """:meth:`LearnerWorker.close_weight_transfer` on all ranks."""
+        self._all("close_weight_transfer", name)
 
     def kl_to_reference(self, rollouts: list[Rollout]) -> list[float]:
         """Rank 0's :meth:`LearnerWorker.kl_to_reference` (exact per-sequence KL to pi_ref, nats)."""

@@ -5,12 +5,16 @@ vLLM mixes this class into its worker (``worker_extension_cls=
 ``self.device``, ``self.model_runner``, ``self.reload_weights``). Methods are called through
 ``llm.collective_rpc("method", args=(...))`` and run on every tensor-parallel rank.
 
-Weights are always pushed through the worker's ``reload_weights(weights_iterator=...)``,
+Object-store weights (the CPU path) are pushed through the worker's ``reload_weights(weights_iterator=...)``,
 which runs the model's own checkpoint loader and its post-load processing: on CPU vLLM
 repacks linear weights (their ``.weight`` becomes shape [0]), so copying into parameters or
 ``model.load_weights`` alone would fail. After a reload on CPU, layers that keep their
 weight next to a packed copy (embeddings and a tied LM head) are re-packed, see
 ``_nlhf_repack_cpu_shared``.
+
+On GPU with ``sync.backend: nccl`` the weights arrive through vLLM's own weight-transfer engine
+(``vllm/distributed/weight_transfer/``; the engine loads them with the model's ``load_weights``
+under its layerwise reload); this class only adds the NCCL checks around it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 
 
 class WeightReceiver:
-    """Mixin for the vLLM worker: object-store bytes and NCCL-bucket weight loading."""
+    """Mixin for the vLLM worker: object-store bytes loading (CPU path) and the NCCL checks of the
+    vLLM weight-transfer path (GPU)."""
 
     def _nlhf_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         count = 0
@@ -78,48 +83,41 @@ class WeightReceiver:
         n = self._nlhf_reload(sd.items())
         return {"tensors": n, "seconds": time.perf_counter() - t0}
 
-    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
-                          backend: str = "nccl") -> int:
-        """Join the pool's weight-sync group as rank ``rank_offset + self.rank`` (blocks until all joined).
+    # ------------------------------------------------------------------ vLLM weight transfer (GPU)
+    # The transfer itself is vLLM's: its GPU worker has init_weight_transfer_engine /
+    # start_weight_update / update_weights / finish_weight_update (engine built with
+    # weight_transfer_config). These two checks close the gap PyNcclCommunicator leaves open.
+    def nlhf_transfer_preflight(self) -> dict:
+        """Before the rendezvous: this rank can run NCCL and its engine has a weight-transfer engine.
 
         Returns:
-            This worker's rank in the group.
-        """
-        from nlhf.sync.nccl import NcclWeightReceiver
-
-        rank = rank_offset + int(getattr(self, "rank", 0))
-        device = getattr(self, "device", None) if backend == "nccl" else None
-        self._nlhf_receiver = NcclWeightReceiver(master_addr, master_port, rank, world_size,
-                                                 backend=backend, device=device)
-        return rank
-
-    def receive_weights(self, meta: object = None) -> dict:
-        """Receive one broadcast sync (the sender sends the bucket plan first) and reload.
-
-        Args:
-            meta: unused; the plan travels inside the group (kept for driver symmetry).
-
-        Returns:
-            ``{"tensors", "seconds"}``.
+            ``{"rank", "device", "nccl"}`` (NCCL version string).
 
         Raises:
-            RuntimeError: ``init_weight_group`` was not called.
+            nlhf.sync.weight_transfer.NcclUnavailableError: no CUDA or no NCCL library here.
+            RuntimeError: the engine was built without ``weight_transfer_config``.
         """
-        receiver = getattr(self, "_nlhf_receiver", None)
-        if receiver is None:
-            raise RuntimeError("receive_weights before init_weight_group")
-        t0 = time.perf_counter()
-        stream = receiver.receive()
-        n = self._nlhf_reload(stream)
-        for _ in stream:  # every rank must take part in every broadcast, even if the loader stopped early
-            n += 1
-        if torch.cuda.is_available() and receiver.channel.device.type == "cuda":
-            torch.cuda.synchronize(receiver.channel.device)
-        return {"tensors": n, "seconds": time.perf_counter() - t0}
+        from nlhf.sync.weight_transfer import require_nccl
 
-    def close_weight_group(self) -> None:
-        """Drop the weight-sync communicator (no-op without one)."""
-        receiver = getattr(self, "_nlhf_receiver", None)
-        if receiver is not None:
-            receiver.close()
-            self._nlhf_receiver = None
+        rank = int(getattr(self, "rank", 0))
+        version = require_nccl(f"rollout worker rank {rank}")
+        if getattr(self, "weight_transfer_engine", None) is None:
+            raise RuntimeError("the rollout engine was built without weight_transfer_config "
+                               "(RolloutWorker(weight_transfer='nccl'))")
+        return {"rank": rank, "device": str(getattr(self, "device", "?")), "nccl": version}
+
+    def nlhf_check_transfer_group(self) -> int:
+        """After ``init_weight_transfer_engine``: the communicator is live (not silently disabled).
+
+        Returns:
+            This rank's rank in the transfer group.
+
+        Raises:
+            nlhf.sync.weight_transfer.NcclUnavailableError: no communicator, or a disabled one.
+        """
+        from nlhf.sync.weight_transfer import check_communicator
+
+        engine = getattr(self, "weight_transfer_engine", None)
+        comm = getattr(engine, "model_update_group", None)
+        check_communicator(comm, f"rollout worker rank {int(getattr(self, 'rank', 0))}")
+        return int(comm.rank)

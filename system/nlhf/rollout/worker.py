@@ -44,6 +44,9 @@ class RolloutWorker:
         dtype: ``"float32"`` or ``"bfloat16"`` engine dtype.
         action_token_ids: game mode: every response is exactly one token from these ids.
         cache_dir: vLLM's cache root goes to ``<cache_dir>/vllm``.
+        weight_transfer: ``"nccl"`` (``sync.backend: nccl``): build the engine with vLLM's
+            ``weight_transfer_config`` (nccl backend) so the learner can push weights over NCCL
+            (:mod:`nlhf.sync.weight_transfer`); None: object-store pushes only.
 
     On CPU (``cfg.num_gpus == 0`` or no CUDA) the engine core runs in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with ``cfg.cpu_kvcache_gb`` GiB of KV cache
@@ -53,11 +56,23 @@ class RolloutWorker:
     Engine start takes ~2.5 s for a tiny model on CPU.
 
     Raises:
-        ValueError: empty or duplicate ``action_token_ids``.
+        ValueError: empty or duplicate ``action_token_ids``, or an unknown ``weight_transfer``.
+        nlhf.sync.weight_transfer.NcclUnavailableError: ``weight_transfer="nccl"`` without CUDA.
     """
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, pool: str, seed: int = 0, dtype: str = "float32",
-                 action_token_ids: list[int] | None = None, cache_dir: str = ".cache/nlhf"):
+                 action_token_ids: list[int] | None = None, cache_dir: str = ".cache/nlhf",
+                 weight_transfer: str | None = None):
+        if weight_transfer not in (None, "nccl"):
+            raise ValueError(f"weight_transfer must be None or 'nccl' (sync.backend), got {weight_transfer!r}")
+        if weight_transfer == "nccl" and not _on_gpu(cfg):
+            import torch
+
+            from nlhf.sync.weight_transfer import NcclUnavailableError
+
+            raise NcclUnavailableError(f"sync.backend 'nccl': rollout worker {pool!r} runs on CPU "
+                                       f"(rollout.num_gpus={cfg.num_gpus}, CUDA available: "
+                                       f"{torch.cuda.is_available()}); use sync.backend: object_store")
         if action_token_ids is not None:
             if not action_token_ids or len(set(action_token_ids)) != len(action_token_ids):
                 raise ValueError(f"action_token_ids must be non-empty and distinct, got {action_token_ids!r}")
@@ -88,6 +103,9 @@ class RolloutWorker:
         )
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.weight_transfer = weight_transfer
+        if weight_transfer is not None:
+            kwargs["weight_transfer_config"] = {"backend": weight_transfer}
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - t0
@@ -215,64 +233,120 @@ class RolloutWorker:
         return waves
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes, version: int | None = None) -> dict:
-        """Load a full HF state dict given as safetensors bytes (``nlhf.sync.object_store.pack_state_dict``).
+    def update_weights(self, payload: bytes | dict | list, version: int | None = None) -> dict:
+        """Load new policy weights: object-store bytes (CPU path), or one chunk of a vLLM weight transfer.
 
-        Under Ray, pass the ``ObjectRef`` of the bytes (``ray.put`` once per pool): Ray resolves it.
-        The prefix cache is reset so no KV block of the old weights is reused.
+        ``payload`` as bytes: a full HF state dict as safetensors bytes
+        (``nlhf.sync.object_store.pack_state_dict``); under Ray, pass the ``ObjectRef`` of the bytes
+        (``ray.put`` once per pool): Ray resolves it. The prefix cache is reset so no KV block of
+        the old weights is reused, and ``version`` becomes the engine's weight version.
+
+        ``payload`` as a dict (or list of dicts): vLLM's update info of the ``nccl`` transfer
+        (``names`` / ``dtype_names`` / ``shapes``), sent by :class:`nlhf.sync.weight_transfer.PoolClient`
+        between :meth:`start_weight_update` and :meth:`finish_weight_update`, which sets the version.
 
         Args:
-            payload: safetensors bytes of the full state dict.
-            version: the weight version these weights are (set by the driver, which checks it
-                before using the pool's rollouts); None: the previous version + 1.
+            payload: safetensors bytes of the full state dict, or vLLM update info.
+            version: bytes only: the weight version these weights are (set by the driver, which
+                checks it before using the pool's rollouts); None: the previous version + 1.
 
         Returns:
-            ``{"seconds": wall time, "bytes": payload size, "tensors": tensors loaded, "version": n}``.
+            ``{"seconds": wall time, "bytes": payload size, "tensors": tensors loaded, "version": n}``
+            (update info: ``{"seconds", "tensors"}``).
+
+        Raises:
+            TypeError: another payload type. RuntimeError: shut down, or update info without
+                ``weight_transfer="nccl"``.
         """
         if self._closed:
             raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
+        if isinstance(payload, (dict, list)):
+            self._need_transfer("update_weights")
+            t0 = time.perf_counter()
+            self.llm.update_weights({"update_info": payload})
+            names = payload.get("names", []) if isinstance(payload, dict) else payload[0].get("names", [])
+            return {"seconds": time.perf_counter() - t0, "tensors": len(names)}
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"update_weights expects safetensors bytes, got {type(payload).__name__}")
         t0 = time.perf_counter()
         res = self.llm.collective_rpc("load_safetensors_bytes", args=(bytes(payload),))
         self.llm.reset_prefix_cache()
         self._weight_version = self._weight_version + 1 if version is None else int(version)
+        self.llm.update_weight_version(str(self._weight_version))
         return {"seconds": time.perf_counter() - t0, "bytes": len(payload), "tensors": res[0]["tensors"],
                 "version": self._weight_version}
 
-    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
-                          backend: str = "nccl") -> list[int]:
-        """Join the pool's weight-sync group (``nlhf.sync.nccl``); engine rank r becomes ``rank_offset + r``.
+    # ------------------------------------------------------------------ vLLM weight transfer (GPU)
+    def _need_transfer(self, op: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
+        if self.weight_transfer is None:
+            raise RuntimeError(f"{op}: rollout worker {self.pool!r} was built without weight_transfer "
+                               "(sync.backend: nccl)")
 
-        Blocks until the sender (``NcclWeightSender``) and all receivers have joined: call it
-        concurrently with the sender's constructor. Returns the group ranks of this engine.
+    def check_weight_transfer(self) -> list[dict]:
+        """Before joining a transfer group: every engine rank has CUDA, the NCCL library and a
+        weight-transfer engine (vLLM's PyNcclCommunicator would silently disable itself otherwise).
+
+        Raises:
+            NcclUnavailableError: NCCL cannot run on some rank. RuntimeError: no ``weight_transfer``.
         """
-        return self.llm.collective_rpc("init_weight_group", args=(master_addr, master_port, rank_offset,
-                                                                  world_size, backend))
+        self._need_transfer("check_weight_transfer")
+        return self.llm.collective_rpc("nlhf_transfer_preflight")
 
-    def receive_weights(self, meta: object = None) -> dict:
-        """Receive one bucketed broadcast (concurrently with ``NcclWeightSender.send``) and reload.
+    def init_weight_transfer_engine(self, init_info: dict) -> list[int]:
+        """Join the pool's vLLM ``nccl`` transfer group (blocks until the trainer opens it).
+
+        Args:
+            init_info: vLLM's ``NCCLWeightTransferInitInfo`` fields (``master_address``,
+                ``master_port``, ``rank_offset``: this engine's, ``world_size``, ``packed``, ...).
 
         Returns:
-            ``{"seconds", "tensors", "version"}``.
+            The group ranks of this engine's workers (``rank_offset + tp_rank``).
+
+        Raises:
+            NcclUnavailableError: a worker's communicator came back disabled.
         """
-        t0 = time.perf_counter()
-        res = self.llm.collective_rpc("receive_weights", args=(meta,))
+        self._need_transfer("init_weight_transfer_engine")
+        self.llm.init_weight_transfer_engine({"init_info": dict(init_info)})
+        return self.llm.collective_rpc("nlhf_check_transfer_group")
+
+    def start_weight_update(self) -> None:
+        """Open a weight update (vLLM's layerwise reload)."""
+        self._need_transfer("start_weight_update")
+        self.llm.start_weight_update()
+
+    def finish_weight_update(self, weight_version: int) -> dict:
+        """Close the update, set ``weight_version`` as the engine's version (and :meth:`weight_version`),
+        reset the prefix cache.
+
+        Returns:
+            ``{"version": weight_version}``.
+        """
+        self._need_transfer("finish_weight_update")
+        self.llm.finish_weight_update(weight_version=str(int(weight_version)))
         self.llm.reset_prefix_cache()
-        self._weight_version += 1
-        return {"seconds": time.perf_counter() - t0, "tensors": res[0]["tensors"], "version": self._weight_version}
+        self._weight_version = int(weight_version)
+        return {"version": self._weight_version}
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        """Leave the transfer group (the engine keeps serving)."""
+        self._need_transfer("shutdown_weight_transfer_engine")
+        self.llm.shutdown_weight_transfer_engine()
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_version(self) -> int:
         """The version of the weights the engine holds: 0 for the initial weights (also after a
-        restart of this actor), else the version given to the last :meth:`update_weights`."""
+        restart of this actor), else the version of the last push (:meth:`update_weights` with bytes, or
+        :meth:`finish_weight_update` of a vLLM weight transfer)."""
         return self._weight_version
 
     def info(self) -> dict:
-        """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "pid", "peak_rss_gb"}`` (peak RSS of
-        this actor process, GiB)."""
-        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid(),
-                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+        """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "engine_weight_version" (vLLM's,
+        a string; "default" before the first push), "pid", "peak_rss_gb"}`` (peak RSS of this actor process, GiB)."""
+        return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version,
+                "engine_weight_version": self.llm.get_weight_version() if self.llm is not None else None,
+                "pid": os.getpid(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
@@ -292,10 +366,11 @@ class RolloutWorker:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.llm.collective_rpc("close_weight_group")
-        except Exception:
-            pass
+        if self.weight_transfer is not None:
+            try:
+                self.llm.shutdown_weight_transfer_engine()
+            except Exception:
+                pass
         try:
             self.llm.llm_engine.engine_core.shutdown()
         finally:

@@ -1,13 +1,12 @@
 """Learner -> rollout weight transport.
 
-- :mod:`nlhf.sync.object_store`: CPU path; the state dict as one safetensors blob through
-  Ray's object store (``pack_state_dict`` / ``unpack``).
-- :mod:`nlhf.sync.buckets`: pure tensor logic packing a state dict into flat per-dtype buckets.
-- :mod:`nlhf.sync.nccl`: GPU path; rank 0 of the learners broadcasts the buckets to the
-  rollout engines (``NcclWeightSender`` / ``NcclWeightReceiver``), CUDA imports kept lazy.
+- :mod:`nlhf.sync.object_store`: CPU path (``sync.backend: object_store``); the state dict as
+  one safetensors blob through Ray's object store (``pack_state_dict`` / ``unpack``).
+- :mod:`nlhf.sync.weight_transfer`: GPU path (``sync.backend: nccl``); vLLM's own
+  weight-transfer API (``nccl`` backend, packed), with a ZeRO-3 weight source, per-engine
+  rank offsets and a hard error where NCCL is missing. Imports vLLM lazily.
 """
 
-from nlhf.sync.buckets import BucketMeta, TensorSlot, pack_buckets, plan_buckets, unpack_buckets
 from nlhf.sync.object_store import pack_state_dict, unpack
 
-__all__ = ["BucketMeta", "TensorSlot", "pack_buckets", "pack_state_dict", "plan_buckets", "unpack", "unpack_buckets"]
+__all__ = ["pack_state_dict", "unpack"]
