@@ -207,6 +207,32 @@ def test_restore_is_bit_exact(tiny_model_dir, tok, stage, precision, inner, snap
         assert_same(weights_half, w.gathered_state_dict(), "full step == half step on the same batch")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_follows_native_bf16(tiny_model_dir, tok, monkeypatch, native):
+    """``learner.precision: auto`` trains in bf16 (DeepSpeed bf16) only where the CPU computes
+    bf16 natively and in fp32 elsewhere (an AVX2-only CPU: bf16 matmuls ~46x slower); the worker
+    reports the resolved value and the config it keeps has it."""
+    import nlhf.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: native)
+    cfg = make_cfg({"precision": "auto"})
+    with learner(cfg, tiny_model_dir) as w:
+        want = "bf16" if native else "fp32"
+        assert w.precision() == want and w.cfg.learner.precision == want
+        assert w.dtype == (torch.bfloat16 if native else torch.float32)
+        assert next(w.engine.module.parameters()).dtype == w.dtype
+        assert w.ds_config["bf16"]["enabled"] is native
+
+
+def test_precision_bad_value_is_refused():
+    from nlhf.hardware import resolve_precision
+
+    with pytest.raises(ValueError, match="learner.precision.*'fp16'"):
+        resolve_precision("fp16", gpu=False)
+    with pytest.raises(ValueError, match="precision"):
+        make_cfg({"precision": "fp16"})
+
+
 def test_full_step_requires_a_half_step(tiny_model_dir, tok):
     with learner(make_cfg(), tiny_model_dir) as w:
         batch = batch_for(w, make_rollouts(tok), PREF)

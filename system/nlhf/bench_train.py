@@ -101,7 +101,7 @@ def bench_train(cfg: TrainConfig, iterations: int = 4, warmup: int = 1, standalo
         "tool_version": _version(),
         "config": {"algorithm": cfg.algorithm.name, "inner_steps": cfg.algorithm.inner_steps,
                    "prompts_per_iteration": cfg.prompts_per_iteration, "responses_per_prompt": cfg.responses_per_prompt,
-                   "zero_stage": cfg.learner.zero_stage, "learner_precision": cfg.learner.precision},
+                   "zero_stage": cfg.learner.zero_stage, "learner_precision": summary.get("learner_precision", cfg.learner.precision)},
         "model": summary["policy"],
         "dtype": summary["engine_dtype"],
         "batch_prompts": cfg.prompts_per_iteration,

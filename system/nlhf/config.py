@@ -273,7 +273,10 @@ class LearnerConfig(Strict):
 
     num_learners: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # the policy's training precision; auto = bf16 (DeepSpeed bf16: fp32 master weights in the
+    # optimiser) where the learner's device computes bf16 natively, fp32 otherwise
+    # (nlhf.hardware.resolve_precision; resolved on the learner, logged and in summary.json)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     optimizer: OptimizerConfig = OptimizerConfig()
     micro_batch_size: int = Field(8, ge=1)
     gradient_checkpointing: bool = False

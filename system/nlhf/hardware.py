@@ -55,6 +55,23 @@ def resolve_dtype(dtype: str, *, gpu: bool) -> Dtype:
     return "bfloat16" if native else "float32"
 
 
+def resolve_precision(precision: str, *, gpu: bool) -> Literal["fp32", "bf16"]:
+    """The concrete learner precision for ``learner.precision`` (``auto``, ``fp32`` or ``bf16``).
+
+    ``auto`` gives ``bf16`` where the device computes bf16 natively (as :func:`resolve_dtype`):
+    on this project's AVX512_BF16 CPU a SmolLM2-135M forward+backward of 4x112 tokens took
+    1.0 s in bf16 against 2.9 s in fp32, on an AVX2-only CPU bf16 matmuls are ~46x slower.
+
+    Raises:
+        ValueError: an unknown precision name.
+    """
+    if precision in ("fp32", "bf16"):
+        return precision  # type: ignore[return-value]
+    if precision != "auto":
+        raise ValueError(f"learner.precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    return "bf16" if resolve_dtype("auto", gpu=gpu) == "bfloat16" else "fp32"
+
+
 def describe() -> dict[str, object]:
     """Machine facts recorded next to every figure: CPU capability, native bf16, CUDA devices."""
     import os

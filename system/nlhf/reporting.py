@@ -191,6 +191,7 @@ def finish(s: "Session") -> dict[str, Any]:
         "algorithm": cfg.algorithm.model_dump(),
         "policy": s.policy_path,
         "engine_dtype": s.current.dtype,
+        "learner_precision": s.learners.precision,
         "cluster": s.cluster,
         "hardware": describe_hardware(),  # the driver's machine: every figure is read with its CPU capability
         "checkpoint": str(ckpt.path),

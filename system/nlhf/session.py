@@ -213,8 +213,9 @@ class Session:
                                       env=self.env, counters=self.state.counters, note=self.note,
                                       reference_path=self.reference_path, actor_prefix=prefix)
         self.current, self.extrapolated = pools["current"], pools["extrapolated"]
-        self.note(f"rollout engines in {self.current.dtype} (policy.dtype {cfg.policy.dtype}, "
-                  f"CPU capability {_cpu_capability()})")
+        self.note(f"rollout engines in {self.current.dtype} (policy.dtype {cfg.policy.dtype}), learner in "
+                  f"{self.learners.precision} (learner.precision {cfg.learner.precision}); "
+                  f"CPU capability {_cpu_capability()}")
         self.sync = WeightSync(cfg, self.learners, pools, self.state.counters, self.state.weight_versions)
         if self.resumed_from is not None:
             self.restore_pool_weights()

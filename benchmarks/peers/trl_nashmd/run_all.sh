@@ -8,7 +8,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/../../.."
-model="${MODEL:-/work/main/.cache/nlhf/models/smollm2-135m-instruct-bfloat16}"
+model="${MODEL:-$PWD/.cache/nlhf/models/smollm2-135m-instruct-bfloat16}"
 steps="${STEPS:-4}"
 out_dir="${OUT_DIR:-docs/bench}"
 prefix="${PREFIX:-trl_nashmd}"

@@ -95,6 +95,7 @@ class LearnerGroup:
         self._closed = False
         try:
             self._wait([w.__ray_ready__.remote() for w in self.workers])
+            self.precision: str = self._all("precision")[0]  # learner.precision, ``auto`` resolved
         except BaseException:
             self.shutdown(graceful=False)
             raise

@@ -112,6 +112,11 @@ class LearnerWorker(UpdateMixin, ExportMixin):
                  action_token_ids: list[int] | None = None, reference_dtype: str | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        from nlhf.hardware import resolve_precision
+
+        if cfg.learner.precision == "auto":  # resolved here, on the learner's own device
+            resolved = resolve_precision("auto", gpu=cfg.learner.num_gpus > 0)
+            cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"precision": resolved})})
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.policy_path, self.reference_path = str(policy_path), str(reference_path)
@@ -440,6 +445,10 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         finally:
             model.train(was)
         return sc.kl_ref.tolist()
+
+    def precision(self) -> str:
+        """The resolved ``learner.precision`` of this rank (``fp32`` or ``bf16``)."""
+        return self.cfg.learner.precision
 
     def stats(self) -> dict[str, float]:
         """``{"rank", "peak_rss_gb" (this process's peak RSS, GiB), "export_seconds" (time spent
