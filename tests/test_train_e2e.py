@@ -117,3 +117,26 @@ def test_baselines_run_through_the_pipeline_towards_nash(algorithm: str, tmp_pat
     print(f"{algorithm}: KL(pi*||pi) {game['kl_to_nash_initial']:.4f} -> {game['kl_to_nash']:.4f}")
     # measured at 6 iterations (AVX512): online-ipo 0.104 -> 0.029 (it oscillates: 0.017-0.059 later)
     assert game["kl_to_nash"] < game["kl_to_nash_initial"] / 2, game
+
+
+def test_game_pipeline_with_lora_converges_to_nash(tmp_path: Path, cache_dir: Path) -> None:
+    """The game config with a LoRA adapter (``learner.lora``) in place of full fine-tuning, through
+    the whole pipeline: the engines get the merged weights at every sync, and the run gets close to
+    the exact equilibrium (within 3e-3; full fine-tuning's bar is 2e-3, see below)."""
+    out = tmp_path / "game-lora"
+    run_train("configs/game-cpu.yaml", [f"output_dir={out}", f"cache_dir={cache_dir}", "progress=plain",
+                                        "learner.lora.rank=8", "learner.lora.alpha=16",
+                                        "learner.optimizer.lr=2e-2"], timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    game = summary["game"]
+    print(f"LoRA: KL(pi*||pi) {game['kl_to_nash_initial']:.4f} -> {game['kl_to_nash']:.4f}")
+    assert game["kl_to_nash_initial"] > 0.1
+    # Measured (AVX512): 0.104 -> 0.0022 (lr 2e-2; 0.0025 at lr 1e-2, 0.0022 with an fp32 base),
+    # against 0.0013 for full fine-tuning: LoRA misses full fine-tuning's 2e-3 bar by ~10%, so this
+    # checks convergence at 3e-3 and README says so.
+    assert game["kl_to_nash"] <= 3e-3, game
+    # the final checkpoint is a plain (merged) HF model
+    from safetensors.torch import load_file
+
+    names = load_file(str(out / "checkpoints" / "final" / "model.safetensors")).keys()
+    assert names and not any("lora" in n for n in names)

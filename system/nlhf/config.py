@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
@@ -248,8 +248,28 @@ class OptimizerConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
+class LoraConfig(Strict):
+    """LoRA adapter of the policy (Hu et al., arXiv:2106.09685) through ``peft``: each linear
+    layer named in ``target_modules`` (module-name suffixes, e.g. ``q_proj``) computes
+    ``W x + (alpha / rank) B A dropout(x)`` with ``A`` (rank, in) and ``B`` (out, rank), ``B = 0``
+    at the start. The base weights are frozen; the reference policy is the base with the adapter
+    disabled; the engines and checkpoints get the merged weights ``W + (alpha / rank) B A``.
+    ``base_dtype``: the frozen base's dtype (and so pi_ref's); ``auto`` = bf16 where the hardware
+    computes it natively (:func:`nlhf.hardware.resolve_dtype`), fp32 otherwise. The adapter
+    (and its optimiser state) stays fp32 under ``learner.precision: fp32``."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
 class LearnerConfig(Strict):
-    """``num_learners`` DeepSpeed workers in one torch.distributed group."""
+    """``num_learners`` DeepSpeed workers in one torch.distributed group. ``lora``: train a LoRA
+    adapter (see :class:`LoraConfig`) instead of every weight (None: full fine-tuning)."""
 
     num_learners: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -269,6 +289,7 @@ class LearnerConfig(Strict):
     snapshot_dir: str | None = None
     # the frozen reference's dtype: auto = bf16 where the hardware computes it natively
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    lora: LoraConfig | None = None
     # --- hub (multi-node placement): custom Ray resources each rank's bundle also reserves: one
     # dict for every rank, or a list with rank r's at index r (pins ranks to nodes that declare
     # them with `ray start --resources=...`). The rendezvous is on rank 0's node.
@@ -283,6 +304,9 @@ class LearnerConfig(Strict):
         if isinstance(self.resources, list) and len(self.resources) != self.num_learners:
             raise ValueError(f"resources: a list needs one dict per rank (num_learners={self.num_learners}), "
                              f"got {len(self.resources)}")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("lora: ZeRO stage 3 is not supported with a LoRA adapter (its optimiser state is "
+                             "tiny; use zero_stage 0, 1 or 2), got zero_stage=3")
         return self
 
 
@@ -367,6 +391,12 @@ class TrainConfig(Strict):
         if self.data is not None and self.data.max_prompt_tokens >= self.rollout.max_model_len:
             raise ValueError(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) must be below "
                              f"rollout.max_model_len ({self.rollout.max_model_len}), or no response fits")
+        if self.learner.lora is not None and self.reference is not None:
+            raise ValueError("learner.lora: the reference policy is the base model with the adapter disabled, so "
+                             f"`reference` must be null (the policy's initial weights), got {self.reference.source!r}")
+        if self.learner.lora is not None and self.algorithm.anchor == "ema":
+            raise ValueError("learner.lora: algorithm.anchor 'ema' is not supported with LoRA (it keeps a full "
+                             "copy of the weights); use anchor 'snapshot'")
         from nlhf.algorithms.pairing import check_responses_per_prompt
 
         a = self.algorithm

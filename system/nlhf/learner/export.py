@@ -15,6 +15,11 @@ Nothing is pickled, so loading needs no ``torch.load`` at all. The module weight
 in the trainer state too, so the resume is exact whatever dtype the HF checkpoint was written
 in; a fresh learner built from the HF checkpoint folder (``LearnerWorker(cfg, ckpt, ref)``) then
 ``load_trainer_state(path)`` is the resume recipe.
+
+With LoRA (``learner.lora``) theta is the adapter: the trainer state holds the adapter's
+tensors and their AdamW state only, while the engines' weights and the HF checkpoint are the
+merged ``W + (alpha / rank) B A`` under the base model's names; a resumed LoRA learner rebuilds
+its frozen base from ``reference_path`` and its adapter from the trainer state.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
               torch.bool: "BOOL"}
 
 
-def safetensors_bytes(named: list[tuple[str, torch.Tensor]], *, cast_to: torch.dtype | None = None,
+def safetensors_bytes(named, *, cast_to: torch.dtype | None = None,
                       metadata: dict[str, str] | None = None) -> bytes:
     """Serialise ``(name, tensor)`` pairs in the safetensors format (8-byte little-endian header
     length, JSON header with dtype / shape / data offsets, space-padded to 8 bytes, then the raw
@@ -52,17 +57,22 @@ def safetensors_bytes(named: list[tuple[str, torch.Tensor]], *, cast_to: torch.d
     straight into one growing buffer whose bytes are returned without a further copy.
     ``safetensors.torch.load`` reads the result.
 
+    ``named``: a list of pairs, or a callable returning a fresh iterator of the same pairs each
+    time (called twice: header, then data), so tensors made on the fly (LoRA's merged weights)
+    are alive one at a time.
+
     Raises:
         ValueError: a duplicate name or a dtype safetensors has no code for.
     """
     import io
     import struct
 
+    pairs = named if callable(named) else (lambda: iter(named))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, t in named:
+    for name, t in pairs():
         dt = cast_to if (cast_to is not None and t.is_floating_point()) else t.dtype
         if dt not in _ST_DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code")
@@ -76,7 +86,7 @@ def safetensors_bytes(named: list[tuple[str, torch.Tensor]], *, cast_to: torch.d
     buf = io.BytesIO()
     buf.write(struct.pack("<Q", len(head)))
     buf.write(head)
-    for _, t in named:
+    for _, t in pairs():
         t = t.detach()
         if cast_to is not None and t.is_floating_point() and t.dtype != cast_to:
             t = t.to(device="cpu", dtype=cast_to)
@@ -95,7 +105,8 @@ class ExportMixin:
     # ------------------------------------------------------------------ weights for the engines
     @torch.no_grad()
     def gathered_state_dict(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
-        """The policy's full state dict with HF names, on CPU, in the training dtype (collective).
+        """The policy's full state dict with HF names, on CPU, in the training dtype (collective;
+        with LoRA: the merged weights, every floating-point tensor in the training dtype).
 
         Tied weights appear once (``lm_head.weight`` is left out when tied to the embeddings, as
         ``save_pretrained`` does). Rank 0 gets the dict (copies); other ranks take part in the
@@ -106,12 +117,20 @@ class ExportMixin:
         with self._gathered():
             if mine:
                 for name, t in self._named_weights():
-                    out[name] = t.detach().to("cpu", copy=True).contiguous()
+                    dt = self.dtype if t.is_floating_point() else t.dtype
+                    out[name] = t.detach().to("cpu", dtype=dt, copy=True).contiguous()
         return out if mine else None
 
     def _named_weights(self):
-        """(HF name, tensor) of every parameter (tied ones once) and persistent buffer; call inside ``_gathered``."""
+        """(HF name, tensor) of every parameter (tied ones once) and persistent buffer; call inside
+        ``_gathered``. With LoRA: the merged weights under the base model's names
+        (:func:`nlhf.learner.lora.merged_named_weights`)."""
         module = self.engine.module
+        if getattr(self, "lora", None) is not None:
+            from nlhf.learner.lora import merged_named_weights
+
+            yield from merged_named_weights(module)
+            return
         keys = set(module.state_dict().keys())
         yield from module.named_parameters()  # removes duplicates (tied weights)
         for name, b in module.named_buffers():
@@ -138,8 +157,7 @@ class ExportMixin:
         with torch.no_grad(), self._gathered():
             if self.rank != 0:
                 return None
-            named = list(self._named_weights())
-            payload = safetensors_bytes(named, cast_to=target, metadata={"format": "pt"})
+            payload = safetensors_bytes(self._named_weights, cast_to=target, metadata={"format": "pt"})
         self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
         return payload
 

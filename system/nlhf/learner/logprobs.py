@@ -20,6 +20,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -182,7 +183,8 @@ class Scores:
 @torch.no_grad()
 def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                    action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
-                   reference: torch.nn.Module | None = None, chunk_tokens: int = 64) -> Scores:
+                   reference: torch.nn.Module | None = None, chunk_tokens: int = 64,
+                   reference_context: Callable[[], contextlib.AbstractContextManager] | None = None) -> Scores:
     """No-grad scoring pass: sequence and per-token log-probs under ``model`` and, when
     ``reference`` is given, ``log pi_ref`` and the exact per-token KL(pi || pi_ref), fused in one
     micro-batch loop (each micro-batch runs both forwards, then both sets of logits are reduced
@@ -196,6 +198,10 @@ def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_ba
         pad_token_id: padding id.
         reference: frozen reference model pi_ref (any dtype; log-softmax in float32), or None.
         chunk_tokens: response positions whose (chunk, V) logits are alive at once, >= 1.
+        reference_context: a factory of the context every call of ``reference`` runs in
+            (forward and output head), e.g. ``peft_model.disable_adapter`` when the reference is
+            the policy's own base model with its LoRA adapter disabled (``reference`` is then
+            the policy module itself). None: no context.
 
     Returns:
         :class:`Scores`.
@@ -218,9 +224,15 @@ def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_ba
         rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
         ref_of = None
         if reference is not None:
-            _, ref_of = _response_logits(reference, input_ids.to(_device_of(reference)),
-                                         attention.to(_device_of(reference)), mask.to(_device_of(reference)),
-                                         None if actions is None else actions.to(_device_of(reference)))
+            in_ref = reference_context or contextlib.nullcontext
+            with in_ref():
+                _, ref_inner = _response_logits(reference, input_ids.to(_device_of(reference)),
+                                                attention.to(_device_of(reference)), mask.to(_device_of(reference)),
+                                                None if actions is None else actions.to(_device_of(reference)))
+
+            def ref_of(s: int, e: int, _inner=ref_inner, _ctx=in_ref) -> torch.Tensor:
+                with _ctx():
+                    return _inner(s, e)
         tok = torch.empty(len(rows), dtype=torch.float32, device=device)
         tok_ref = torch.empty_like(tok)
         kl = torch.empty_like(tok)

@@ -117,6 +117,7 @@ def _measure_here(cfg: TrainConfig, policy_path: str, reference_path: str, *, pr
         "algorithm": alg.name, "estimator": alg.estimator, "inner_steps": alg.inner_steps, "anchor": alg.anchor,
         "zero_stage": lc.zero_stage, "precision": w.cfg.learner.precision, "micro_batch_size": lc.micro_batch_size,
         "gradient_checkpointing": lc.gradient_checkpointing,
+        "lora": None if getattr(lc, "lora", None) is None else lc.lora.model_dump(),
         "batch": {"prompts": prompts, "responses": responses, "prompt_tokens": prompt_tokens,
                   "response_tokens": response_tokens},
         "export_dtype": export_dtype, "iterations": iterations, "init_s": init_s, "iteration_s": times,

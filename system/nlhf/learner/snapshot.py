@@ -32,8 +32,8 @@ SnapshotMode = Literal["memory", "disk"]
 
 def state_tensors(engine, zero3: bool) -> tuple[list[torch.Tensor], list[torch.nn.Parameter]]:
     """Every tensor that defines theta for the next update, in a fixed order, plus the master
-    parameters whose AdamW state defines the optimiser: the module's weights (under ZeRO-3 the
-    local partitions ``ds_tensor``) and the optimiser's master weights (ZeRO-1/2/3 and bf16:
+    parameters whose AdamW state defines the optimiser: the module's trainable weights (all of
+    them in full fine-tuning, the adapter's with LoRA; under ZeRO-3 the local partitions ``ds_tensor``) and the optimiser's master weights (ZeRO-1/2/3 and bf16:
     fp32 partitions; stage 0 fp32: the module's own parameters, listed once).
 
     Under ZeRO-3 every gathered copy (persistent small parameters, prefetched ones) is released
@@ -47,7 +47,9 @@ def state_tensors(engine, zero3: bool) -> tuple[list[torch.Tensor], list[torch.n
         masters = list(opt.fp32_partitioned_groups_flat)
     else:
         masters = [p for group in base.param_groups for p in group["params"]]
-    weights = [p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
+    # trainable parameters only: frozen ones (a LoRA adapter's base model) never change
+    weights = [p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()
+               if p.requires_grad]
     tensors: list[torch.Tensor] = []
     seen: set[tuple] = set()
     for t in weights + [p.data for p in masters]:

@@ -64,7 +64,8 @@ class StartScores:
 
 class UpdateMixin:
     """The update machinery of :class:`nlhf.learner.worker.LearnerWorker` (needs its attributes:
-    ``cfg, engine, reference, anchor, rank, world_size, device, pad_token_id, action_token_ids``)."""
+    ``cfg, engine, anchor, rank, world_size, device, pad_token_id, action_token_ids`` and
+    ``_reference_kw()``, the pi_ref arguments of ``score_rollouts``)."""
 
     # ------------------------------------------------------------------ sharding
     def _shard(self, n: int) -> tuple[list[int], torch.Tensor]:
@@ -117,7 +118,7 @@ class UpdateMixin:
         model.eval()
         try:
             sc = score_rollouts(model, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                pad_token_id=self.pad_token_id, reference=self.reference)
+                                pad_token_id=self.pad_token_id, **self._reference_kw())
         finally:
             model.train(was)
         gap, tokens = 0.0, 0

@@ -43,6 +43,12 @@ Memory: the reference pi_ref is a frozen copy in bf16 where the hardware compute
 natively (:func:`nlhf.hardware.resolve_dtype` of ``learner.reference_dtype``, default
 ``auto``), fp32 otherwise; no anchor copy in snapshot mode.
 
+LoRA (``learner.lora``, :mod:`nlhf.learner.lora`): the policy is the base model (read from
+``reference_path``, frozen, in ``learner.lora.base_dtype``: bf16 where native by default; the
+adapter in the training precision) with a peft LoRA adapter; pi_ref is the
+same module with the adapter disabled (no reference copy); AdamW, the theta_k snapshot and the
+trainer state hold the adapter's tensors only; exports and checkpoints are the merged weights.
+
 Batches are sharded by rank (see :mod:`nlhf.learner.update`); all ranks must receive the same
 StepBatch, and every method marked *collective* must be called on all ranks in the same order.
 """
@@ -85,7 +91,9 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             ``learner.snapshot`` and ``learner.reference_dtype`` when the config has them).
         policy_path: HF folder of the initial policy theta_0 (also its tokenizer); a folder
             written by :meth:`save_checkpoint` resumes from it (with :meth:`load_trainer_state`).
-        reference_path: HF folder of pi_ref.
+        reference_path: HF folder of pi_ref. With ``learner.lora`` it is also the frozen base
+            of the adapter (pi_ref = theta_0), and ``policy_path`` gives the tokenizer only: a
+            resumed LoRA learner gets its adapter from :meth:`load_trainer_state`.
         rank, world_size: this process's place in the torch.distributed group.
         master_addr, master_port: rendezvous of the group (TCP store on rank 0).
         action_token_ids: game mode: responses are single tokens among these ids and are scored
@@ -159,8 +167,17 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             m.requires_grad_(False)
             return m
 
+        self.lora = lc.lora
+        if self.lora is not None and lc.zero_stage == 3:
+            raise ValueError("learner.lora: ZeRO stage 3 is not supported with a LoRA adapter, got zero_stage=3")
         # Frozen copies first: once an HfDeepSpeedConfig with ZeRO-3 lives, from_pretrained partitions.
-        self.reference = frozen(self.reference_path, self.reference_dtype)
+        # LoRA: no copy, pi_ref is the policy's base with the adapter disabled
+        self.reference = None if self.lora is not None else frozen(self.reference_path, self.reference_dtype)
+        self.base_dtype = self.dtype  # the policy's frozen weights
+        if self.lora is not None:
+            if self.dtype == torch.float32:
+                self.base_dtype = getattr(torch, resolve_dtype(self.lora.base_dtype, gpu=use_gpu))
+            self.reference_dtype = self.base_dtype
         # EMA needs fp32 accumulation; snapshot mode's anchor pi_k is the policy's own weights at theta_k
         self.anchor = frozen(self.policy_path, torch.float32) if cfg.algorithm.anchor == "ema" else None
 
@@ -169,12 +186,19 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: makes from_pretrained zero.Init
-        policy = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=self.dtype)
+        policy = AutoModelForCausalLM.from_pretrained(
+            self.policy_path if self.lora is None else self.reference_path, dtype=self.base_dtype)
         if lc.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+        if self.lora is not None:
+            from nlhf.learner.lora import wrap_with_lora
+
+            if lc.gradient_checkpointing:
+                policy.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get grads
+            policy = wrap_with_lora(policy.to(self.device), self.lora)
         opt = lc.optimizer
-        adamw = torch.optim.AdamW(policy.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
+        adamw = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=opt.lr,
+                                  betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=adamw, config=self.ds_config)
         self.engine.train()
         if world_size == 1 and clips_itself(cfg):
@@ -344,18 +368,27 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         return metrics
 
     # ------------------------------------------------------------------ public API: scoring
-    def _scoring(self, which: str) -> torch.nn.Module:
+    def _reference_kw(self) -> dict:
+        """``reference`` (and, with LoRA, ``reference_context``) arguments of
+        :func:`~nlhf.learner.logprobs.score_rollouts` that compute pi_ref."""
+        if self.lora is None:
+            return {"reference": self.reference}
+        return {"reference": self.engine.module, "reference_context": self.engine.module.disable_adapter}
+
+    def _scoring(self, which: str) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
+        """The module that computes ``which`` and the context it must run in."""
         if which == "policy":
-            return self.engine.module
+            return self.engine.module, contextlib.nullcontext()
         if which == "reference":
-            return self.reference
+            kw = self._reference_kw()
+            return kw["reference"], kw.get("reference_context", contextlib.nullcontext)()
         if which == "anchor":
             if self.anchor is not None:
-                return self.anchor
+                return self.anchor, contextlib.nullcontext()
             if self._snapshot is not None:
                 raise RuntimeError("the anchor pi_k (theta_k) is set aside between half_step and full_step; "
                                    "score it after full_step")
-            return self.engine.module  # snapshot mode between iterations: pi_k is the policy
+            return self.engine.module, contextlib.nullcontext()  # snapshot mode between iterations: pi_k is the policy
         raise ValueError(f"which must be 'policy', 'reference' or 'anchor', got {which!r}")
 
     @torch.no_grad()
@@ -368,12 +401,13 @@ class LearnerWorker(UpdateMixin, ExportMixin):
             ValueError: unknown ``which``.
             RuntimeError: ``anchor`` in snapshot mode between half_step and full_step.
         """
-        model = self._scoring(which)
+        model, ctx = self._scoring(which)
         was = model.training
         model.eval()
         try:
-            return sequence_logprobs(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                     pad_token_id=self.pad_token_id).tolist()
+            with ctx:
+                return sequence_logprobs(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                         pad_token_id=self.pad_token_id).tolist()
         finally:
             model.train(was)
 
@@ -386,12 +420,13 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         Raises:
             ValueError / RuntimeError: as :meth:`sequence_logprobs`.
         """
-        model = self._scoring(which)
+        model, ctx = self._scoring(which)
         was = model.training
         model.eval()
         try:
-            sc = score_rollouts(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                pad_token_id=self.pad_token_id)
+            with ctx:
+                sc = score_rollouts(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
+                                    pad_token_id=self.pad_token_id)
         finally:
             model.train(was)
         return [t.tolist() for t in sc.token_logp]
@@ -401,12 +436,12 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         """Exact KL(pi_theta || pi_ref) of each rollout's response (nats, summed over its
         positions of the per-token KL over the vocabulary; game mode: over the actions), >= 0.
         Collective under ZeRO-3."""
-        model = self._scoring("policy")
+        model, _ = self._scoring("policy")
         was = model.training
         model.eval()
         try:
             sc = score_rollouts(model, rollouts, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                pad_token_id=self.pad_token_id, reference=self.reference)
+                                pad_token_id=self.pad_token_id, **self._reference_kw())
         finally:
             model.train(was)
         return sc.kl_ref.tolist()
