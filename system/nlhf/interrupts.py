@@ -8,13 +8,18 @@ handled after the step), and an exception raised by the handler inside Ray's wai
 - :func:`handler` records the signal; it raises :class:`Interrupted` itself only outside a Ray
   wait, and ignores a second signal while the run is stopping;
 - :func:`wait` / :func:`get` wait in short slices (``SLICE_S``) and raise :class:`Interrupted`
-  from Python between slices, so a run stops within about a second of the signal.
+  from Python between slices, so a run stops within about a second of the signal;
+- :func:`shielded` defers the stop to the end of a block that must not be cut short (a
+  checkpoint write: cutting it removed the temporary folder while a learner was still writing
+  into it, and the run died with ``FileNotFoundError`` instead of stopping cleanly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 SLICE_S = 0.5
@@ -22,6 +27,7 @@ SLICE_S = 0.5
 
 _requested: str | None = None
 _in_ray_wait = 0
+_shield = 0
 
 
 class Interrupted(Exception):
@@ -34,7 +40,7 @@ def handler(signum: int, frame: object) -> None:
     if _requested is not None:
         return  # already stopping: a second Ctrl-C must not break the clean shutdown
     _requested = signal.Signals(signum).name
-    if _in_ray_wait == 0:
+    if _in_ray_wait == 0 and _shield == 0:
         raise Interrupted(_requested)
 
 
@@ -45,9 +51,26 @@ def reset() -> None:
 
 
 def check() -> None:
-    """Raise :class:`Interrupted` if a signal was recorded."""
-    if _requested is not None:
+    """Raise :class:`Interrupted` if a signal was recorded (not inside :func:`shielded`)."""
+    if _requested is not None and _shield == 0:
         raise Interrupted(_requested)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """A block that a SIGINT/SIGTERM does not cut short: the signal is recorded, the block runs
+    to its end, and :class:`Interrupted` is raised when the outermost shielded block exits.
+
+    Raises:
+        Interrupted: on exit, when a signal arrived before or during the block.
+    """
+    global _shield
+    _shield += 1
+    try:
+        yield
+    finally:
+        _shield -= 1
+    check()
 
 
 def wait(refs: Sequence[Any], *, num_returns: int | None = None, timeout: float | None = None,

@@ -361,9 +361,12 @@ class Session:
             self.learners.save_trainer_state(str((tmp / TRAINER_DIR).resolve()))
             self.state.save(tmp)
 
-        ckpt = write_checkpoint(root, name, self.state.iteration, fill)
-        prune(root, self.cfg.keep_last)
-        self.last_checkpoint = ckpt
+        from nlhf import interrupts
+
+        with interrupts.shielded():  # a Ctrl-C/SIGTERM stops the run after the checkpoint, not inside it
+            ckpt = write_checkpoint(root, name, self.state.iteration, fill)
+            prune(root, self.cfg.keep_last)
+            self.last_checkpoint = ckpt
         return ckpt
 
     def resume_hint(self) -> str:
