@@ -65,11 +65,10 @@ def resolve_precision(precision: str, *, gpu: bool) -> Literal["fp32", "bf16"]:
     Raises:
         ValueError: an unknown precision name.
     """
-    if precision in ("fp32", "bf16"):
-        return precision  # type: ignore[return-value]
-    if precision != "auto":
+    dtypes = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
+    if precision not in dtypes:
         raise ValueError(f"learner.precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    return "bf16" if resolve_dtype("auto", gpu=gpu) == "bfloat16" else "fp32"
+    return "bf16" if resolve_dtype(dtypes[precision], gpu=gpu) == "bfloat16" else "fp32"
 
 
 def describe() -> dict[str, object]:
