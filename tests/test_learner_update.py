@@ -99,6 +99,36 @@ def test_kl_anchor_is_measured_after_the_step(tiny_model_dir, tok):
     assert m["kl_anchor"] == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["nash-mp", "nash-md-pg"])
+def test_separable_loss_steps_skip_the_rescoring_pass(tiny_model_dir, tok, monkeypatch, name):
+    """Inner steps >= 1 of a policy-gradient loss take dL/dlogp_i from each micro-batch's own
+    gradient forward: one model forward fewer per micro-batch and step than re-scoring the batch
+    first, and the same theta_{k+1} and loss metrics (up to float rounding)."""
+    from nlhf.learner.update import UpdateMixin
+
+    steps, mbs = 3, 3  # 8 rollouts in micro-batches of 3: 3 micro-batches, the last one short
+    rollouts = make_rollouts(tok)
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(UpdateMixin, "_separable_loss", lambda self, f=fused: f, raising=False)
+        cfg = make_cfg(algorithm={"name": name, "inner_steps": steps, "beta": 0.5, "clip": 0.2},
+                       learner={"micro_batch_size": mbs})
+        with learner(cfg, tiny_model_dir) as w:
+            batch = batch_for(w, rollouts, PREF)
+            calls = []
+            hook = w.engine.module.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+            m = w.step(batch) if name == "nash-md-pg" else w.half_step(batch)
+            hook.remove()
+            runs[fused] = (len(calls), m, w.gathered_state_dict())
+    (n_fused, m_fused, theta_fused), (n_plain, m_plain, theta_plain) = runs[True], runs[False]
+    assert n_plain - n_fused == (steps - 1) * 3
+    for k in theta_plain:
+        torch.testing.assert_close(theta_fused[k], theta_plain[k], rtol=1e-4, atol=1e-6, msg=k)
+    for key in ("loss", "ratio_mean", "ratio_max", "clip_frac", "kl_anchor"):
+        assert m_fused[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
+    assert m_fused["ratio_max"] > 1.0  # later inner steps saw moved weights
+
+
 def test_pair_losses_need_partners(tiny_model_dir, tok):
     rollouts = make_rollouts(tok)
     with learner(make_cfg(algorithm={"name": "online-ipo"}), tiny_model_dir) as w:

@@ -11,10 +11,13 @@ scores rollouts r, r+W, ... and vectors are summed over ranks):
    ``pi_s`` is the behaviour policy of the importance ratios (as the learner computes it, not the
    engine's log-prob), and in snapshot mode also the proximal anchor pi_k.
 2. **M inner steps** (``cfg.algorithm.inner_steps``; 1 for EGPO, see :mod:`nlhf.learner.worker`):
-   each re-scores the batch at the current theta (step 0 reuses pass 1), evaluates the loss and
-   ``g = dL/dlogp`` (B,) on the whole batch identically on every rank, back-propagates
+   each needs the batch's log-probs at the current theta (step 0 reuses pass 1), evaluates the
+   loss and ``g = dL/dlogp`` (B,) on the whole batch identically on every rank, back-propagates
    ``W * sum_i g_i logp_i`` over the rank's shard in micro-batches (DeepSpeed averages over ranks:
-   exactly dL/dtheta of the full-batch loss), then applies the optimiser.
+   exactly dL/dtheta of the full-batch loss), then applies the optimiser. Steps >= 1 of a pair
+   loss re-score the batch in a no-grad pass first; for a separable loss (a mean of per-sample
+   terms: the policy-gradient losses) ``g_i`` needs sample i alone, so each micro-batch's gradient
+   forward supplies its own log-probs and the extra pass is skipped (one forward fewer per step).
 3. **Post-step pass**: ``log pi_after`` (B,) at the new weights; ``kl_anchor`` is the k3
    estimator ``mean_i [(r_i - 1) - log r_i]``, ``r_i = pi_after(y_i) / pi_s(y_i)``, of
    KL(pi_s || pi_after) on the batch's samples of pi_s (>= 0 per sample; unbiased).
@@ -178,6 +181,53 @@ class UpdateMixin:
         return torch.exp((start.logp_s - eng).clamp(max=LOG_RATIO_CAP)).clamp(max=float(cap))
 
     # ------------------------------------------------------------------ the update
+    def _separable_loss(self) -> bool:
+        """Whether the algorithm's loss is a mean of per-sample terms, term i a function of
+        ``logp_i`` alone (so ``dL/dlogp_i`` needs only sample i's log-prob): the policy-gradient
+        losses (Nash-MP's ``pg`` estimator, Nash-MD-PG). The pair losses (regression estimator,
+        online IPO, EGPO) couple a sample with its pair partner."""
+        alg = self.cfg.algorithm
+        return alg.name == "nash-md-pg" or (alg.name == "nash-mp" and alg.estimator == "pg")
+
+    def _backward_given(self, loss_fn: Callable[[torch.Tensor], LossOutput], logp_now: torch.Tensor,
+                        local: list[Rollout], idx: list[int], valid: torch.Tensor) -> LossOutput:
+        """Accumulate dL/dtheta given the full-batch (B,) log-probs at the current theta: one
+        gradient forward and backward per micro-batch of this rank's shard."""
+        leaf = logp_now.clone().requires_grad_(True)
+        out = loss_fn(leaf)
+        (g_full,) = torch.autograd.grad(out.loss, leaf)
+        g_local = g_full[torch.tensor(idx, device=self.device)] * valid * self.world_size
+        mb = self.cfg.learner.micro_batch_size
+        for s in range(0, len(local), mb):
+            lp = sequence_logprobs(self.engine, local[s:s + mb], mb, self.action_token_ids,
+                                   pad_token_id=self.pad_token_id)
+            self.engine.backward((g_local[s:s + mb] * lp).sum(), scale_wrt_gas=False)
+        return out
+
+    def _backward_fused(self, loss_fn: Callable[[torch.Tensor], LossOutput], logp_fill: torch.Tensor,
+                        local: list[Rollout], idx: list[int], valid: torch.Tensor, n: int) -> LossOutput:
+        """Accumulate dL/dtheta for a separable loss (:meth:`_separable_loss`) without a separate
+        no-grad pass: each micro-batch's gradient forward gives its log-probs, its entries of
+        ``dL/dlogp`` come from the loss at a (B,) vector holding them (the other entries,
+        ``logp_fill``, do not enter them), then its backward. Same gradient as
+        :meth:`_backward_given`, one forward pass fewer per micro-batch; the returned LossOutput
+        (metrics) is the loss at the full batch's log-probs gathered from the gradient forwards."""
+        mb = self.cfg.learner.micro_batch_size
+        pos = torch.tensor(idx, device=self.device)
+        seen = torch.empty(len(local), dtype=torch.float32, device=self.device)
+        for s in range(0, len(local), mb):
+            lp = sequence_logprobs(self.engine, local[s:s + mb], mb, self.action_token_ids,
+                                   pad_token_id=self.pad_token_id)
+            probe = logp_fill.detach().clone()
+            probe[pos[s:s + mb]] = lp.detach().float()
+            leaf = probe.requires_grad_(True)
+            (g_full,) = torch.autograd.grad(loss_fn(leaf).loss, leaf)
+            g = g_full[pos[s:s + mb]] * valid[s:s + mb] * self.world_size
+            self.engine.backward((g * lp).sum(), scale_wrt_gas=False)
+            seen[s:s + mb] = lp.detach().float()
+        with torch.no_grad():
+            return loss_fn(self._to_full(seen, idx, valid, n))
+
     def _grad_norm(self) -> float:
         from nlhf.learner.engine import clips_itself
 
@@ -215,17 +265,14 @@ class UpdateMixin:
         weight = self._engine_weight(batch, start)
         loss_fn = self._loss_fn(batch, start, weight)
         mb = self.cfg.learner.micro_batch_size
+        fused = self._separable_loss()
         metrics: dict[str, float] = {}
         for step in range(steps):
-            logp_now = start.logp_s if step == 0 else self._policy_logp_full(local, idx, valid, n)
-            leaf = logp_now.clone().requires_grad_(True)
-            out = loss_fn(leaf)
-            (g_full,) = torch.autograd.grad(out.loss, leaf)
-            g_local = g_full[torch.tensor(idx, device=self.device)] * valid * self.world_size
-            for s in range(0, len(local), mb):
-                lp = sequence_logprobs(self.engine, local[s:s + mb], mb, self.action_token_ids,
-                                       pad_token_id=self.pad_token_id)
-                self.engine.backward((g_local[s:s + mb] * lp).sum(), scale_wrt_gas=False)
+            if step == 0 or not fused:
+                logp_now = start.logp_s if step == 0 else self._policy_logp_full(local, idx, valid, n)
+                out = self._backward_given(loss_fn, logp_now, local, idx, valid)
+            else:
+                out = self._backward_fused(loss_fn, start.logp_s, local, idx, valid, n)
             if step == steps - 1 and finish is not None:
                 gn = finish()
                 metrics["grad_norm"] = float(gn) if gn is not None else self._grad_norm()
