@@ -57,3 +57,7 @@ def test_bench_train_reports_steady_state_figures(tmp_path: Path, cache_dir: Pat
     rss = r["peak_rss_gb"]
     assert {"driver", "learner_rank0", "rollout_current_0", "rollout_extrapolated_0"} <= set(rss), rss
     assert all(v > 0.05 for v in rss.values()) and r["cpu_capability"]
+    private, shared = r["peak_private_gb"], r["peak_shared_gb"]
+    assert set(private) == set(shared) == {"learner_rank0", "rollout_current_0", "rollout_extrapolated_0"}, r
+    for k in private:  # parts of the process's RSS (sampled, so at most its exact peak)
+        assert 0.05 < private[k] <= rss[k] + 1e-3 and 0 <= shared[k] <= rss[k] + 1e-3, (k, r)

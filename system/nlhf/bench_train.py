@@ -13,7 +13,10 @@ the first ``warmup`` iterations, and reports, in the fields the peer benchmark
 - rollout tokens/s inside the loop (tokens / rollout-phase wall time) against a standalone
   engine (:func:`nlhf.bench.bench_rollout`) with the same settings and batch shape;
 - weight-sync seconds and bytes per iteration;
-- peak RSS of the driver and of every actor.
+- peak RSS of the driver and of every actor, and for the learner ranks and rollout workers its
+  private part (the process's own pages) and shared part (pages of Ray's object store holding
+  the weight payloads, counted again in each process that touched them;
+  :mod:`nlhf.telemetry.memory`).
 
 Every figure comes with the CPU capability of the machine it was measured on.
 """
@@ -111,6 +114,8 @@ def bench_train(cfg: TrainConfig, iterations: int = 4, warmup: int = 1, standalo
         **summarise(ms, warmup),
         "peak_rss_gb": summary["peak_rss_gb"],
         "peak_rss_total_gb": round(sum(summary["peak_rss_gb"].values()), 3),
+        "peak_private_gb": summary.get("peak_private_gb", {}),
+        "peak_shared_gb": summary.get("peak_shared_gb", {}),
         "wall_seconds": summary["wall_seconds"],
         "machine": describe(),
     }

@@ -217,6 +217,7 @@ def finish(s: "Session") -> dict[str, Any]:
     if s.game is not None:
         summary["game"] = game_summary(s)
     summary["peak_rss_gb"] = peak_rss(s)
+    summary["peak_private_gb"], summary["peak_shared_gb"] = peak_memory_split(s)
     summary["wall_seconds"] = time.time() - s.t_start
     (s.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     s.progress.phase("done")
@@ -234,6 +235,22 @@ def peak_rss(s: "Session") -> dict[str, float]:
         for i, info in enumerate(pool.infos()):
             out[f"rollout_{name}_{i}"] = info["peak_rss_gb"]
     return {k: round(v, 3) for k, v in out.items()}
+
+
+def peak_memory_split(s: "Session") -> tuple[dict[str, float], dict[str, float]]:
+    """(private, shared) sampled peak resident memory (GiB) of every learner rank and rollout
+    worker: private = the process's own pages (RssAnon), shared = pages of Ray's object store it
+    mapped (RssShmem: the weight payloads, counted again in every process that touched them).
+    See :mod:`nlhf.telemetry.memory`."""
+    private: dict[str, float] = {}
+    shared: dict[str, float] = {}
+    parts = [(f"learner_rank{st['rank']}", st) for st in s.learners.stats()]
+    for name, pool in (("current", s.current), ("extrapolated", s.extrapolated)):
+        parts += [(f"rollout_{name}_{i}", info) for i, info in enumerate(pool.infos())]
+    for key, st in parts:
+        if "peak_private_gb" in st:
+            private[key], shared[key] = round(st["peak_private_gb"], 3), round(st["peak_shared_gb"], 3)
+    return private, shared
 
 
 def game_summary(s: "Session") -> dict[str, Any]:

@@ -72,6 +72,7 @@ from nlhf.learner.export import SAFETENSORS_NAME, ExportMixin
 from nlhf.learner.logprobs import score_rollouts, sequence_logprobs
 from nlhf.learner.snapshot import Snapshot, adamw_preview_
 from nlhf.learner.update import UpdateMixin, rollout_key
+from nlhf.telemetry.memory import MemoryWatch
 
 __all__ = ["SAFETENSORS_NAME", "LearnerWorker", "build_ds_config", "clips_itself", "return_freed_memory_to_the_os"]
 
@@ -126,6 +127,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         if self.snapshot_mode not in ("memory", "disk"):
             raise ValueError(f"learner.snapshot must be 'memory' or 'disk', got {self.snapshot_mode!r}")
         use_gpu = lc.num_gpus > 0
+        self._memory = MemoryWatch()
         return_freed_memory_to_the_os()
         if not use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -451,13 +453,12 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         return self.cfg.learner.precision
 
     def stats(self) -> dict[str, float]:
-        """``{"rank", "peak_rss_gb" (this process's peak RSS, GiB), "export_seconds" (time spent
-        packing weights for the engines since the last call)}``."""
-        import resource
-
+        """``{"rank", "peak_rss_gb" (this process's peak RSS, GiB), "peak_private_gb",
+        "peak_shared_gb" (its sampled private / object-store parts, see
+        :mod:`nlhf.telemetry.memory`), "export_seconds" (time spent packing weights for the
+        engines since the last call)}``."""
         export, self._export_seconds = getattr(self, "_export_seconds", 0.0), 0.0
-        return {"rank": self.rank, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-                "export_seconds": export}
+        return {"rank": self.rank, **self._memory.peaks(), "export_seconds": export}
 
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
@@ -466,6 +467,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         if self._closed:
             return
         self._closed = True
+        self._memory.close()
         if self._snapshot is not None:
             self._snapshot.close()
             self._snapshot = None

@@ -85,7 +85,9 @@ class MixtureWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from nlhf.hardware import resolve_dtype
+        from nlhf.telemetry.memory import MemoryWatch
 
+        self._memory = MemoryWatch()
         m = float(mixture)
         if not (0.0 <= m <= 1.0):
             raise ValueError(f"mixture must lie in [0, 1], got {mixture!r}")
@@ -353,10 +355,9 @@ class MixtureWorker:
     def info(self) -> dict:
         """``{"pool", "dtype", "weight_version", "pid"}``, as :meth:`nlhf.rollout.worker.RolloutWorker.info`."""
         import os
-        import resource
 
         return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version, "pid": os.getpid(),
-                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+                **self._memory.peaks()}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -63,6 +62,9 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, *, pool: str, seed: int = 0, dtype: str = "float32",
                  action_token_ids: list[int] | None = None, cache_dir: str = ".cache/nlhf",
                  weight_transfer: str | None = None):
+        from nlhf.telemetry.memory import MemoryWatch
+
+        self._memory = MemoryWatch()
         if weight_transfer not in (None, "nccl"):
             raise ValueError(f"weight_transfer must be None or 'nccl' (sync.backend), got {weight_transfer!r}")
         if weight_transfer == "nccl" and not _on_gpu(cfg):
@@ -343,10 +345,12 @@ class RolloutWorker:
 
     def info(self) -> dict:
         """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "engine_weight_version" (vLLM's,
-        a string; "default" before the first push), "pid", "peak_rss_gb"}`` (peak RSS of this actor process, GiB)."""
+        a string; "default" before the first push), "pid", "peak_rss_gb", "peak_private_gb",
+        "peak_shared_gb"}`` (peak RSS of this actor process and its sampled private / object-store
+        parts, GiB: :mod:`nlhf.telemetry.memory`)."""
         return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version,
                 "engine_weight_version": self.llm.get_weight_version() if self.llm is not None else None,
-                "pid": os.getpid(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+                "pid": os.getpid(), **self._memory.peaks()}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
