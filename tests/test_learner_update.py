@@ -177,3 +177,34 @@ def test_trainer_state_resume_is_bit_exact(tiny_model_dir, tok, tmp_path, stage,
     finally:
         fresh.shutdown()
     assert (tmp_path / "state" / "rank0" / "state.safetensors").is_file()
+
+
+def test_kl_anchor_on_a_subsample_scores_the_selected_samples_only(tiny_model_dir, tok):
+    """learner.kl_anchor_samples = m: the post-step pass scores m samples spread over the batch
+    (floor(j n / m)) and kl_anchor is the k3 estimate over them; the update itself is unchanged."""
+    rollouts = make_rollouts(tok)
+    n, m = len(rollouts), 3
+    assert n > m
+    thetas = []
+    for samples in (None, m):
+        with learner(make_cfg(algorithm={"inner_steps": 2}, learner={"kl_anchor_samples": samples}),
+                     tiny_model_dir) as w:
+            before = torch.tensor(w.sequence_logprobs(rollouts))
+            scored: list[int] = []
+            real = w._policy_logp_full
+
+            def counting(local, idx, valid, k, real=real):
+                scored.append(len(local))
+                return real(local, idx, valid, k)
+
+            w._policy_logp_full = counting
+            metrics = w.half_step(batch_for(w, rollouts, PREF))
+            post = scored[-1]  # the post-step pass is the last one
+            d = torch.tensor(w.sequence_logprobs(rollouts)) - before
+            thetas.append(w.gathered_state_dict())
+        sel = list(range(n)) if samples is None else [j * n // m for j in range(m)]
+        assert post == len(sel)
+        want = float((torch.expm1(d[sel]) - d[sel]).mean())
+        assert metrics["kl_anchor"] == pytest.approx(want, rel=1e-4)
+    assert sel == [0, n // 3, 2 * n // 3]
+    assert_same(thetas[0], thetas[1], "kl_anchor_samples is a diagnostic only")

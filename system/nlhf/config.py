@@ -287,6 +287,9 @@ class LearnerConfig(Strict):
     # (page cache, not the process's RSS; see nlhf.learner.snapshot)
     snapshot: Literal["memory", "disk"] = "memory"
     snapshot_dir: str | None = None
+    # how many of the batch's samples the post-step pass scores for charts/kl_anchor (evenly
+    # spread over the batch; a diagnostic only: it does not enter the update); None: all of them
+    kl_anchor_samples: int | None = Field(None, ge=1)
     # the frozen reference's dtype: auto = bf16 where the hardware computes it natively
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     lora: LoraConfig | None = None

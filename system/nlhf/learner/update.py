@@ -18,9 +18,11 @@ scores rollouts r, r+W, ... and vectors are summed over ranks):
    loss re-score the batch in a no-grad pass first; for a separable loss (a mean of per-sample
    terms: the policy-gradient losses) ``g_i`` needs sample i alone, so each micro-batch's gradient
    forward supplies its own log-probs and the extra pass is skipped (one forward fewer per step).
-3. **Post-step pass**: ``log pi_after`` (B,) at the new weights; ``kl_anchor`` is the k3
+3. **Post-step pass**: ``log pi_after`` at the new weights; ``kl_anchor`` is the k3
    estimator ``mean_i [(r_i - 1) - log r_i]``, ``r_i = pi_after(y_i) / pi_s(y_i)``, of
-   KL(pi_s || pi_after) on the batch's samples of pi_s (>= 0 per sample; unbiased).
+   KL(pi_s || pi_after) on the batch's samples of pi_s (>= 0 per sample; unbiased), or on
+   ``learner.kl_anchor_samples`` of them, evenly spread: a diagnostic that does not enter the
+   update: one no-grad forward over the batch, against a forward and a backward per inner step.
 
 The engine-learner gap: ``logprob_gap`` is the mean over response tokens of
 ``|log pi_engine - log pi_s|`` (per token where the rollout carries the engine's per-token
@@ -228,6 +230,22 @@ class UpdateMixin:
         with torch.no_grad():
             return loss_fn(self._to_full(seen, idx, valid, n))
 
+    def kl_anchor_selection(self, n: int) -> list[int]:
+        """Indices of the samples the post-step pass scores: ``learner.kl_anchor_samples`` of
+        the batch's n, evenly spread (``floor(j * n / m)``), or all n."""
+        m = self.cfg.learner.kl_anchor_samples
+        return list(range(n)) if m is None or m >= n else [j * n // m for j in range(m)]
+
+    def _kl_anchor(self, rollouts: list[Rollout], start: StartScores) -> float:
+        """Post-step pass (collective): the k3 estimate ``mean_i [(r_i - 1) - log r_i]``,
+        ``r_i = pi_after(y_i) / pi_s(y_i)``, of KL(pi_s || pi_after) over the samples of
+        :meth:`kl_anchor_selection` (no grad; m forwards instead of B where a subset is asked)."""
+        sel = self.kl_anchor_selection(len(rollouts))
+        idx, valid = self._shard(len(sel))
+        logp_after = self._policy_logp_full([rollouts[sel[j]] for j in idx], idx, valid, len(sel))
+        log_r = (logp_after - start.logp_s[torch.tensor(sel, device=self.device)]).clamp(max=LOG_RATIO_CAP)
+        return float((torch.expm1(log_r) - log_r).mean())
+
     def _grad_norm(self) -> float:
         from nlhf.learner.engine import clips_itself
 
@@ -283,10 +301,8 @@ class UpdateMixin:
             for k, v in out.metrics.items():
                 if k not in _OWN_KEYS:
                     metrics[k] = float(v)
-        logp_after = self._policy_logp_full(local, idx, valid, n)
-        log_r = (logp_after - start.logp_s).clamp(max=LOG_RATIO_CAP)
         metrics.update(
-            kl_anchor=float((torch.expm1(log_r) - log_r).mean()),
+            kl_anchor=self._kl_anchor(batch.rollouts, start),
             kl_ref=float(start.kl_ref.mean()),
             kl_ref_sample=float((start.logp_s - start.logp_ref).mean()),
             logprob_gap=start.gap_sum / start.tokens if start.tokens else float("nan"),
