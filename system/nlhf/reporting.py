@@ -216,41 +216,33 @@ def finish(s: "Session") -> dict[str, Any]:
     summary["sampling_seeds"] = s.state.seed_report()
     if s.game is not None:
         summary["game"] = game_summary(s)
-    summary["peak_rss_gb"] = peak_rss(s)
-    summary["peak_private_gb"], summary["peak_shared_gb"] = peak_memory_split(s)
+    summary.update(peak_memory(s))
     summary["wall_seconds"] = time.time() - s.t_start
     (s.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     s.progress.phase("done")
     return summary
 
 
-def peak_rss(s: "Session") -> dict[str, float]:
-    """Peak RSS (GiB) of the driver and of every actor: learner ranks, rollout workers, a judge replica."""
+def peak_memory(s: "Session") -> dict[str, dict[str, float]]:
+    """Peak memory (GiB) from one round of actor stats: ``peak_rss_gb`` of the driver and of
+    every actor (learner ranks, rollout workers, a judge replica), and ``peak_private_gb`` /
+    ``peak_shared_gb`` of every learner rank and rollout worker (sampled: private = the process's
+    own pages, RssAnon; shared = pages of Ray's object store it mapped, RssShmem, i.e. the weight
+    payloads, counted again in every process that touched them; :mod:`nlhf.telemetry.memory`)."""
     import resource
 
-    out = {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, **s.peak_rss_gb}
-    for st in s.learners.stats():
-        out[f"learner_rank{st['rank']}"] = max(out.get(f"learner_rank{st['rank']}", 0.0), st["peak_rss_gb"])
-    for name, pool in (("current", s.current), ("extrapolated", s.extrapolated)):
-        for i, info in enumerate(pool.infos()):
-            out[f"rollout_{name}_{i}"] = info["peak_rss_gb"]
-    return {k: round(v, 3) for k, v in out.items()}
-
-
-def peak_memory_split(s: "Session") -> tuple[dict[str, float], dict[str, float]]:
-    """(private, shared) sampled peak resident memory (GiB) of every learner rank and rollout
-    worker: private = the process's own pages (RssAnon), shared = pages of Ray's object store it
-    mapped (RssShmem: the weight payloads, counted again in every process that touched them).
-    See :mod:`nlhf.telemetry.memory`."""
+    rss = {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, **s.peak_rss_gb}
     private: dict[str, float] = {}
     shared: dict[str, float] = {}
     parts = [(f"learner_rank{st['rank']}", st) for st in s.learners.stats()]
     for name, pool in (("current", s.current), ("extrapolated", s.extrapolated)):
         parts += [(f"rollout_{name}_{i}", info) for i, info in enumerate(pool.infos())]
     for key, st in parts:
+        rss[key] = max(rss.get(key, 0.0), st["peak_rss_gb"])
         if "peak_private_gb" in st:
-            private[key], shared[key] = round(st["peak_private_gb"], 3), round(st["peak_shared_gb"], 3)
-    return private, shared
+            private[key], shared[key] = st["peak_private_gb"], st["peak_shared_gb"]
+    return {name: {k: round(v, 3) for k, v in d.items()}
+            for name, d in (("peak_rss_gb", rss), ("peak_private_gb", private), ("peak_shared_gb", shared))}
 
 
 def game_summary(s: "Session") -> dict[str, Any]:

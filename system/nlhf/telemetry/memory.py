@@ -79,4 +79,3 @@ class MemoryWatch:
     def close(self) -> None:
         """Stop the sampling thread (idempotent)."""
         self._stop.set()
-
