@@ -259,7 +259,7 @@ def test_stops_on_generation_config_eos_and_clips_to_max_model_len(worker, model
     assert len(c.response_token_ids) <= 2
 
 
-def test_update_weights_loads_the_new_policy(models):
+def test_update_weights_loads_the_new_policy(models, tmp_path):
     from nlhf.sync.object_store import pack_state_dict
 
     tok, reference = models[2], models[4]
@@ -290,6 +290,17 @@ def test_update_weights_loads_the_new_policy(models):
         assert abs(again.sampler_logprob - after.sampler_logprob) < 1e-6
         with pytest.raises(TypeError):
             w.update_weights({"not": "bytes"})
+        # sync.backend: file: the original policy back from a weight file on this node
+        path = tmp_path / "current-v000002.safetensors"
+        path.write_bytes(pack_state_dict(models[3].state_dict()))
+        assert w.update_weights(str(path), version=2)["version"] == 2
+        [[back]] = w.generate(PROMPTS[:1], [pids], [[3]])
+        assert back.response_token_ids == before.response_token_ids
+        from nlhf.sync.files import WeightFileMissingError
+
+        with pytest.raises(WeightFileMissingError, match="not on this node"):
+            w.update_weights(str(tmp_path / "missing.safetensors"), version=3)
+        assert w.weight_version() == 2
     finally:
         w.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):

@@ -2,9 +2,10 @@
 
 - SIGKILL of the whole driver process group after the iteration-4 checkpoint, then `--resume`:
   iterations 1..6 appear once each in metrics.jsonl and 5-6 equal an uninterrupted run's;
-- SIGKILL of a rollout worker and of one of two judge replicas mid-run: the run completes,
-  the restarted engine holds the learner's weights (log-prob gap as before the kill), the
-  training query counts are exactly those of the uninterrupted run;
+- SIGKILL of a rollout worker and of one of two judge replicas mid-run (weights sent as files,
+  ``sync.backend: file``): the run completes, the restarted engine holds the learner's weights
+  (log-prob gap as before the kill), the training query counts are exactly those of the
+  uninterrupted run (object store), and the weight files are gone at the end;
 - SIGKILL of a learner: the run stops with one message naming the learner and the resume
   command (exit 3); the resume completes the run;
 - a second run into a locked folder is refused; the judge token never reaches the run folder.
@@ -174,8 +175,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference, tmp_pa
 
 
 def test_rollout_worker_and_judge_replica_deaths_are_survived(reference, tmp_path, cache_dir):
+    # with sync.backend: file (the reference run uses object_store): the restarted engine is
+    # re-pushed from the pool's newest weight file, and the learning is the same bit for bit
     out = tmp_path / "run"
-    proc = start(out, cache_dir, ["judge.serve.replicas=2", "judge.serve.num_cpus=0.1"])
+    proc = start(out, cache_dir, ["judge.serve.replicas=2", "judge.serve.num_cpus=0.1", "sync.backend=file"])
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 1, proc, 600, "iteration 1")
         engines = session_pids(proc, "ray::RolloutWorker")
@@ -198,6 +201,7 @@ def test_rollout_worker_and_judge_replica_deaths_are_survived(reference, tmp_pat
     # was given the pool's weights: otherwise its samples, log-prob gap and KL would differ)
     assert [m["charts/queries"] for m in ms] == [m["charts/queries"] for m in ref]
     assert_same_iterations(ms, ref, [1, 2, 3, 4, 5, 6], tol=1e-5)
+    assert not (out / "sync").exists()  # the weight files are removed with the run's actors
 
 
 def test_learner_death_stops_with_resume_command_and_resume_finishes(reference, tmp_path, cache_dir):

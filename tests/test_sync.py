@@ -106,8 +106,11 @@ def test_ray_actor_syncs_from_object_ref(ray_cluster, setup, tiny_model_dir, cac
     learner = reseeded_model(tiny_model_dir, seed=7)
     expected = hf_greedy(learner, ids)
     Actor = ray.remote(num_cpus=1)(RolloutWorker)
+    # rollout.torch_threads: the engine gets 2 threads where Ray's OMP_NUM_THREADS would give it 1
+    cfg = cfg.model_copy(update={"torch_threads": 2})
     actor = Actor.remote(str(tiny_model_dir), cfg, pool="extrapolated", cache_dir=str(cache_dir))
     try:
+        assert ray.get(actor.info.remote())["torch_threads"] == 2
         before = [r[0].response_token_ids for r in ray.get(actor.generate.remote(PROMPTS, ids, [[0]] * len(PROMPTS), greedy=True))]
         assert before != expected
         ref = ray.put(pack_state_dict(learner.state_dict()))
@@ -120,3 +123,49 @@ def test_ray_actor_syncs_from_object_ref(ray_cluster, setup, tiny_model_dir, cac
             ray.get(actor.generate.remote(PROMPTS, ids, [[0]] * len(PROMPTS)))
     finally:
         ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- sync.backend: file
+def test_file_sync_makes_engine_match_learner_and_a_missing_file_changes_nothing(setup, tiny_model_dir, tmp_path):
+    from nlhf.learner.export import write_safetensors_file
+    from nlhf.sync.files import WeightFileMissingError, remove_stale_weight_files, weight_file_path
+
+    worker, _, ids = setup
+    learner = reseeded_model(tiny_model_dir, seed=4321)
+    expected = hf_greedy(learner, ids)
+    before = _greedy_ids(worker, ids)
+    assert expected != before
+    old = weight_file_path(tmp_path, "current", 1)
+    old.write_bytes(b"stale")
+    path = weight_file_path(tmp_path, "current", 2)
+    named = [(k, v) for k, v in learner.state_dict().items() if k != "lm_head.weight"]  # tied: stored once
+    size = write_safetensors_file(path, named, cast_to=torch.float32)
+    assert path.stat().st_size == size and not list(tmp_path.glob("*.tmp"))
+    res = worker.update_weights(str(path), version=2)
+    assert res["bytes"] == size and res["tensors"] == len(named) and res["version"] == 2
+    assert _greedy_ids(worker, ids) == expected
+    assert remove_stale_weight_files(tmp_path, "current", keep=path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    # a path this node does not have: one clear error, the engine keeps its weights and version
+    with pytest.raises(WeightFileMissingError, match=r"current-v000003.*not on this node.*object_store"):
+        worker.update_weights(str(weight_file_path(tmp_path, "current", 3)), version=3)
+    assert worker.weight_version() == 2
+    assert _greedy_ids(worker, ids) == expected
+    with pytest.raises(TypeError, match="bytes or a weight file path"):
+        worker.update_weights(12345)
+
+
+def test_file_payload_equals_object_store_payload(tmp_path):
+    from nlhf.learner.export import safetensors_bytes, write_safetensors_file
+    from nlhf.sync.files import iter_weight_file, read_weight_file
+
+    named = [("a", torch.randn(3, 5)), ("b", torch.arange(7)), ("c", torch.randn(4, dtype=torch.float64))]
+    path = tmp_path / "w.safetensors"
+    write_safetensors_file(path, named, cast_to=torch.bfloat16, metadata={"format": "pt"})
+    assert read_weight_file(path) == safetensors_bytes(named, cast_to=torch.bfloat16, metadata={"format": "pt"})
+    got = dict(iter_weight_file(path))
+    assert got["a"].dtype == torch.bfloat16 and torch.equal(got["a"], named[0][1].to(torch.bfloat16))
+    assert got["b"].dtype == torch.int64 and torch.equal(got["b"], named[1][1])
+    with pytest.raises(ValueError, match="duplicate"):  # a failed write leaves the old file whole
+        write_safetensors_file(path, named + [("a", torch.zeros(1))])
+    assert dict(iter_weight_file(path)).keys() == got.keys() and not list(tmp_path.glob("*.tmp"))

@@ -158,6 +158,10 @@ class RolloutConfig(Strict):
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     cpu_kvcache_gb: float = Field(1.0, gt=0)
     num_cpus: float = Field(0.5, gt=0)  # per engine
+    # CPU engines: torch threads of the engine (None: inherited; in a Ray actor that is Ray's
+    # OMP_NUM_THREADS = max(1, floor(num_cpus)), so 1 for 0.5). Nash-MP's pools generate one
+    # after the other, so on one node an engine may use more threads than its bundle reserves.
+    torch_threads: int | None = Field(None, ge=1)
     num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
     # --- hub (multi-node placement): custom Ray resources each engine's bundle also reserves,
     # e.g. {"nlhf_rollout": 1} with `ray start --resources='{"nlhf_rollout": 4}'` on rollout nodes.
@@ -315,12 +319,17 @@ class LearnerConfig(Strict):
 
 class SyncConfig(Strict):
     """Learner -> rollout weight transport: ``object_store`` (safetensors bytes through Ray's object
-    store; CPU and GPU) or ``nccl`` (GPU only: vLLM's weight-transfer API, ``nccl`` backend, packed;
-    see :mod:`nlhf.sync.weight_transfer`). ``bucket_mb``: for ``nccl``, the packed buffer size and
-    the most weights gathered at once under ZeRO-3 (MiB)."""
+    store; CPU and GPU, any number of nodes), ``file`` (the same bytes as a safetensors file in
+    ``dir`` that each engine reads from disk: single node only, and no payload pages held in
+    the learner's or the engines' memory; :mod:`nlhf.sync.files`) or ``nccl`` (GPU only: vLLM's
+    weight-transfer API, ``nccl`` backend, packed; see :mod:`nlhf.sync.weight_transfer`).
+    ``bucket_mb``: for ``nccl``, the packed buffer size and the most weights gathered at once
+    under ZeRO-3 (MiB). ``dir``: for ``file``, the folder (default ``<output_dir>/sync``; removed
+    at the end of the run)."""
 
-    backend: Literal["object_store", "nccl"] = "object_store"
+    backend: Literal["object_store", "file", "nccl"] = "object_store"
     bucket_mb: float = Field(256.0, gt=0)
+    dir: str | None = None
 
 
 class ClusterConfig(Strict):

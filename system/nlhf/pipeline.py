@@ -63,7 +63,7 @@ class RolloutPool:
         self.max_restarts = cfg.fault_tolerance.rollout_restarts
         self.timeout = cfg.fault_tolerance.actor_timeout_s
         self.expected_version = 0
-        self._payload: Any = None  # ObjectRef of the weights of expected_version (None: initial weights)
+        self._payload: Any = None  # ObjectRef or file path of the weights of expected_version (None: initial weights)
         mixture = name == "extrapolated" and cfg.algorithm.name == "nash-md-pg"
         # vLLM engines take sync.backend nccl; the mixture sampler (transformers) takes bytes
         self.weight_transfer = "nccl" if cfg.sync.backend == "nccl" and not mixture else None
@@ -162,9 +162,16 @@ class RolloutPool:
         interrupts.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
 
     # ------------------------------------------------------------------ weights
+    @property
+    def payload(self) -> Any:
+        """The payload of the weights the pool holds (ObjectRef or weight file path; None: the
+        initial weights, or weights that came over NCCL)."""
+        return self._payload
+
     def load_weights(self, payload_ref: Any, version: int) -> list[dict]:
-        """Push one weight payload (an ObjectRef of safetensors bytes) to every worker as ``version``;
-        a worker that dies on the way is restarted and pushed again."""
+        """Push one weight payload (an ObjectRef of safetensors bytes, or a weight file path with
+        ``sync.backend: file``) to every worker as ``version``; a worker that dies on the way is
+        restarted and pushed again (and so is one found holding another version later)."""
         self._payload, self.expected_version = payload_ref, version
 
         def call(i: int) -> Any:
@@ -289,7 +296,9 @@ class WeightSync:
 
     ``object_store``: learner rank 0 packs the gathered (ZeRO-3 aware) state dict into
     safetensors bytes in the pool's engine dtype once; the ObjectRef goes to every worker of the
-    pool, which reloads its engine in place. ``nccl``: vLLM's weight-transfer API, one packed NCCL
+    pool, which reloads its engine in place. ``file``: the same payload written by learner rank 0
+    as ``sync.dir/{pool}-v{version}.safetensors`` (:mod:`nlhf.sync.files`); the path goes to the
+    workers, and the pool's previous file is deleted once all have loaded. ``nccl``: vLLM's weight-transfer API, one packed NCCL
     group per pool of vLLM engines (:mod:`nlhf.sync.weight_transfer`), opened here with the
     rendezvous on learner rank 0's node and reopened when :attr:`learners` is replaced (a new
     learner group after a restart); a mixture-sampler pool (``nash-md-pg``) keeps the object store.
@@ -302,9 +311,10 @@ class WeightSync:
 
     def __init__(self, cfg: TrainConfig, learners: Any, pools: dict[str, RolloutPool], counters: Counters,
                  versions: dict[str, int]) -> None:
-        if cfg.sync.backend not in ("object_store", "nccl"):
-            raise ValueError(f"sync.backend must be 'object_store' or 'nccl', got {cfg.sync.backend!r}")
+        if cfg.sync.backend not in ("object_store", "file", "nccl"):
+            raise ValueError(f"sync.backend must be 'object_store', 'file' or 'nccl', got {cfg.sync.backend!r}")
         self.cfg = cfg
+        self.folder = Path(cfg.sync.dir) if cfg.sync.dir else Path(cfg.output_dir) / "sync"
         self.pools = pools
         self.counters = counters
         self.versions = versions
@@ -347,7 +357,11 @@ class WeightSync:
             results = [self.learners.push_weights(pool_name, version)]
             pool.mark_pushed(version)
         else:
-            results = pool.load_weights(self.learners.state_dict_ref(pool.dtype), version)
+            results = pool.load_weights(self.payload(pool_name, version), version)
+            if self.cfg.sync.backend == "file":
+                from nlhf.sync.files import remove_stale_weight_files
+
+                remove_stale_weight_files(self.folder, pool_name, keep=Path(pool.payload))
         self.versions[pool_name] = version
         dt = time.perf_counter() - t0
         nbytes = float(max((r.get("bytes", 0) for r in results), default=0))
@@ -355,6 +369,31 @@ class WeightSync:
         self.counters.sync_seconds += dt
         self.counters.sync_reload_seconds += float(max((r.get("seconds", 0.0) for r in results), default=0.0))
         return {"seconds": dt, "bytes": nbytes}
+
+
+    def payload(self, pool_name: str, version: int) -> Any:
+        """The learner's current weights for ``pool_name`` as the CPU transports carry them: the
+        ObjectRef of safetensors bytes (``object_store``), or the path of the weight file written
+        for ``version`` (``file``). Not for pools with a vLLM transfer group."""
+        pool = self.pools[pool_name]
+        if self.cfg.sync.backend == "file":
+            from nlhf.sync.files import weight_file_path
+
+            path = weight_file_path(self.folder, pool_name, version)
+            return self.learners.state_dict_file(pool.dtype, str(path))["path"]
+        return self.learners.state_dict_ref(pool.dtype)
+
+    def remove_files(self) -> None:
+        """Delete the weight files (``file`` backend) and their folder when it is left empty."""
+        if self.cfg.sync.backend != "file" or not self.folder.is_dir():
+            return
+        for name in self.pools:
+            for p in self.folder.glob(f"{name}-v*"):
+                p.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # someone else's files are there
+            pass
 
 
 def make_placement_group(cfg: TrainConfig, name: str) -> PlacementGroup:

@@ -265,7 +265,7 @@ class Session:
         for name, pool in (("current", self.current), ("extrapolated", self.extrapolated)):
             version = self.state.weight_versions[name]
             if version > 0:
-                pool.load_weights(self.learners.state_dict_ref(pool.dtype), version)
+                pool.load_weights(self.sync.payload(name, version), version)
 
     def _setup_prompts(self) -> list[int] | None:
         """Training prompts (language mode) or the single game prompt and action tokens (game mode)."""
@@ -388,6 +388,8 @@ class Session:
                 self.learners.shutdown(graceful=graceful)
             except Exception:  # noqa: BLE001 - best effort during teardown
                 pass
+        if self.sync is not None:
+            self.sync.remove_files()
         for obj in (self.logger, self.progress):
             if obj is not None:
                 obj.close()

@@ -49,22 +49,24 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
               torch.bool: "BOOL"}
 
 
-def safetensors_bytes(named, *, cast_to: torch.dtype | None = None,
-                      metadata: dict[str, str] | None = None) -> bytes:
-    """Serialise ``(name, tensor)`` pairs in the safetensors format (8-byte little-endian header
-    length, JSON header with dtype / shape / data offsets, space-padded to 8 bytes, then the raw
-    little-endian data), floating-point tensors cast to ``cast_to`` one at a time, written
-    straight into one growing buffer whose bytes are returned without a further copy.
-    ``safetensors.torch.load`` reads the result.
+def write_safetensors(named, stream, *, cast_to: torch.dtype | None = None,
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write ``(name, tensor)`` pairs to the binary ``stream`` in the safetensors format (8-byte
+    little-endian header length, JSON header with dtype / shape / data offsets, space-padded to
+    8 bytes, then the raw little-endian data), floating-point tensors cast to ``cast_to`` one at a
+    time, so the only extra memory is one cast tensor. ``safetensors.torch.load`` /
+    ``safe_open`` read the result.
 
     ``named``: a list of pairs, or a callable returning a fresh iterator of the same pairs each
     time (called twice: header, then data), so tensors made on the fly (LoRA's merged weights)
     are alive one at a time.
 
+    Returns:
+        The number of bytes written.
+
     Raises:
         ValueError: a duplicate name or a dtype safetensors has no code for.
     """
-    import io
     import struct
 
     pairs = named if callable(named) else (lambda: iter(named))
@@ -83,20 +85,61 @@ def safetensors_bytes(named, *, cast_to: torch.dtype | None = None,
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    buf = io.BytesIO()
-    buf.write(struct.pack("<Q", len(head)))
-    buf.write(head)
+    stream.write(struct.pack("<Q", len(head)))
+    stream.write(head)
     for _, t in pairs():
         t = t.detach()
         if cast_to is not None and t.is_floating_point() and t.dtype != cast_to:
             t = t.to(device="cpu", dtype=cast_to)
         t = t.to("cpu").contiguous()
         if t.numel():
-            buf.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            stream.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return 8 + len(head) + offset
+
+
+def safetensors_bytes(named, *, cast_to: torch.dtype | None = None,
+                      metadata: dict[str, str] | None = None) -> bytes:
+    """:func:`write_safetensors` into one growing buffer whose bytes are returned without a
+    further copy.
+
+    Raises:
+        ValueError: as :func:`write_safetensors`.
+    """
+    import io
+
+    buf = io.BytesIO()
+    size = write_safetensors(named, buf, cast_to=cast_to, metadata=metadata)
     out = buf.getvalue()  # CPython hands over its internal bytes object (no copy)
-    if len(out) != 8 + len(head) + offset:
+    if len(out) != size:
         raise RuntimeError("safetensors_bytes: payload size mismatch")
     return out
+
+
+def write_safetensors_file(path: str | Path, named, *, cast_to: torch.dtype | None = None,
+                           metadata: dict[str, str] | None = None) -> int:
+    """:func:`write_safetensors` into the file ``path``, atomically: written as ``path.tmp`` in
+    the same folder (created if missing), flushed, then renamed over ``path``, so a reader sees
+    the old file or the whole new one. The data goes through the page cache, not this process's
+    memory.
+
+    Returns:
+        The file size in bytes.
+
+    Raises:
+        ValueError: as :func:`write_safetensors`. OSError: the folder cannot be written.
+    """
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            size = write_safetensors(named, f, cast_to=cast_to, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return size
 
 
 class ExportMixin:
@@ -160,6 +203,29 @@ class ExportMixin:
             payload = safetensors_bytes(self._named_weights, cast_to=target, metadata={"format": "pt"})
         self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
         return payload
+
+    def state_dict_file(self, dtype: str, path: str) -> dict | None:
+        """Like :meth:`state_dict_bytes`, but rank 0 writes the safetensors file ``path``
+        (atomically, :func:`write_safetensors_file`) instead of returning bytes: the
+        ``sync.backend: file`` transport, for engines on this node. Nothing of the payload stays
+        in this process's memory (neither a buffer nor Ray object-store pages). Collective.
+
+        Returns:
+            Rank 0: ``{"path": path, "bytes": file size}``; other ranks None.
+
+        Raises:
+            ValueError: an unknown ``dtype``. OSError: ``path`` cannot be written.
+        """
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
+        target = getattr(torch, dtype)
+        t0 = time.perf_counter()
+        with torch.no_grad(), self._gathered():
+            if self.rank != 0:
+                return None
+            size = write_safetensors_file(path, self._named_weights, cast_to=target, metadata={"format": "pt"})
+        self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
+        return {"path": str(path), "bytes": size}
 
     def save_checkpoint(self, path: str) -> None:
         """Write the policy as an HF folder (``config.json``, ``model.safetensors``, generation

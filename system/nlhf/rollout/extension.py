@@ -5,7 +5,7 @@ vLLM mixes this class into its worker (``worker_extension_cls=
 ``self.device``, ``self.model_runner``, ``self.reload_weights``). Methods are called through
 ``llm.collective_rpc("method", args=(...))`` and run on every tensor-parallel rank.
 
-Object-store weights (the CPU path) are pushed through the worker's ``reload_weights(weights_iterator=...)``,
+Object-store bytes and weight files (the CPU paths) are pushed through the worker's ``reload_weights(weights_iterator=...)``,
 which runs the model's own checkpoint loader and its post-load processing: on CPU vLLM
 repacks linear weights (their ``.weight`` becomes shape [0]), so copying into parameters or
 ``model.load_weights`` alone would fail. After a reload on CPU, layers that keep their
@@ -81,6 +81,22 @@ class WeightReceiver:
         t0 = time.perf_counter()
         sd = unpack(payload, with_aliases=False)
         n = self._nlhf_reload(sd.items())
+        return {"tensors": n, "seconds": time.perf_counter() - t0}
+
+    def load_safetensors_file(self, path: str) -> dict:
+        """Load a full HF state dict from a weight file on this node (``sync.backend: file``,
+        :mod:`nlhf.sync.files`), one tensor at a time from the memory-mapped file.
+
+        Returns:
+            ``{"tensors": number of tensors loaded, "seconds": reload wall time}``.
+
+        Raises:
+            nlhf.sync.files.WeightFileMissingError: the file is not on this node.
+        """
+        from nlhf.sync.files import iter_weight_file
+
+        t0 = time.perf_counter()
+        n = self._nlhf_reload(iter_weight_file(path))
         return {"tensors": n, "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ vLLM weight transfer (GPU)

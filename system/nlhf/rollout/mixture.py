@@ -63,7 +63,7 @@ class MixtureWorker:
     Args:
         model_path: HF folder of the policy pi_theta (its tokenizer is loaded from there too).
         cfg: ``max_new_tokens``, ``temperature``, ``top_p``, ``max_model_len``, ``num_cpus``
-            (torch threads = ``max(1, int(num_cpus))``, as the learner sets them), ``num_gpus``
+            and ``torch_threads`` (torch threads; default ``max(1, int(num_cpus))``), ``num_gpus``
             (> 0 and CUDA available: both models on ``cuda``).
         pool: a label for stats.
         reference_path: HF folder of the frozen reference policy pi_ref (same vocabulary).
@@ -101,7 +101,7 @@ class MixtureWorker:
         self.model_path, self.reference_path = str(model_path), str(reference_path)
         self.cfg, self.pool, self.mixture, self.seed, self.cache_dir = cfg, pool, m, seed, cache_dir
         self.action_token_ids = action_token_ids
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         torch_dtype = getattr(torch, self.dtype)
@@ -303,8 +303,9 @@ class MixtureWorker:
             mix = mixture_logprobs(step[0], step[1], self.mixture)
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes, version: int | None = None) -> dict:
-        """Load a full HF state dict of the policy (safetensors bytes, ``nlhf.sync.object_store.pack_state_dict``).
+    def update_weights(self, payload: bytes | str, version: int | None = None) -> dict:
+        """Load a full HF state dict of the policy (safetensors bytes, ``nlhf.sync.object_store.pack_state_dict``,
+        or the path of the same payload as a file on this node, ``sync.backend: file``).
 
         The reference stays frozen. Tensors are copied (and cast) into the policy's parameters;
         a tied weight may come under either name.
@@ -313,7 +314,8 @@ class MixtureWorker:
             ``{"seconds", "bytes", "tensors": tensors stored in the payload, "version": n}``.
 
         Raises:
-            TypeError: ``payload`` is not bytes.
+            TypeError: ``payload`` is neither bytes nor a path.
+            nlhf.sync.files.WeightFileMissingError: a path that is not on this node.
             ValueError: the payload names a tensor the policy lacks, misses one it has, or has a
                 tensor of another shape.
         """
@@ -321,9 +323,13 @@ class MixtureWorker:
 
         if self._closed:
             raise RuntimeError(f"mixture worker {self.pool!r} is shut down")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"update_weights expects safetensors bytes, got {type(payload).__name__}")
         t0 = time.perf_counter()
+        if isinstance(payload, str):
+            from nlhf.sync.files import read_weight_file
+
+            payload = read_weight_file(payload)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"update_weights expects safetensors bytes or a weight file path, got {type(payload).__name__}")
         payload = bytes(payload)
         stored = unpack(payload, with_aliases=False)
         state = unpack(payload)

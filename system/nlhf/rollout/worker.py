@@ -89,6 +89,11 @@ class RolloutWorker:
         if not gpu:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.cpu_kvcache_gb)))
+            if cfg.torch_threads:  # else inherited: Ray's OMP_NUM_THREADS, floor(num_cpus) >= 1, in an actor
+                import torch
+
+                # the engine runs in this process; vLLM's CPU worker forbids changing it afterwards
+                torch.set_num_threads(cfg.torch_threads)
         from vllm import LLM
 
         kwargs = dict(
@@ -235,21 +240,25 @@ class RolloutWorker:
         return waves
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes | dict | list, version: int | None = None) -> dict:
-        """Load new policy weights: object-store bytes (CPU path), or one chunk of a vLLM weight transfer.
+    def update_weights(self, payload: bytes | str | dict | list, version: int | None = None) -> dict:
+        """Load new policy weights: object-store bytes or a weight file (CPU paths), or one chunk
+        of a vLLM weight transfer.
 
         ``payload`` as bytes: a full HF state dict as safetensors bytes
         (``nlhf.sync.object_store.pack_state_dict``); under Ray, pass the ``ObjectRef`` of the bytes
-        (``ray.put`` once per pool): Ray resolves it. The prefix cache is reset so no KV block of
-        the old weights is reused, and ``version`` becomes the engine's weight version.
+        (``ray.put`` once per pool): Ray resolves it. As a ``str``: the path of the same payload as
+        a safetensors file on this node (``sync.backend: file``, :mod:`nlhf.sync.files`), which
+        the engine process reads itself. The prefix cache is reset so no KV block of the old
+        weights is reused, and ``version`` becomes the engine's weight version.
 
         ``payload`` as a dict (or list of dicts): vLLM's update info of the ``nccl`` transfer
         (``names`` / ``dtype_names`` / ``shapes``), sent by :class:`nlhf.sync.weight_transfer.PoolClient`
         between :meth:`start_weight_update` and :meth:`finish_weight_update`, which sets the version.
 
         Args:
-            payload: safetensors bytes of the full state dict, or vLLM update info.
-            version: bytes only: the weight version these weights are (set by the driver, which
+            payload: safetensors bytes of the full state dict, a weight file's path, or vLLM
+                update info.
+            version: bytes or file only: the weight version these weights are (set by the driver, which
                 checks it before using the pool's rollouts); None: the previous version + 1.
 
         Returns:
@@ -258,7 +267,8 @@ class RolloutWorker:
 
         Raises:
             TypeError: another payload type. RuntimeError: shut down, or update info without
-                ``weight_transfer="nccl"``.
+                ``weight_transfer="nccl"``. nlhf.sync.files.WeightFileMissingError: a path
+                that is not on this node (checked before the engine is touched).
         """
         if self._closed:
             raise RuntimeError(f"rollout worker {self.pool!r} is shut down")
@@ -268,14 +278,21 @@ class RolloutWorker:
             self.llm.update_weights({"update_info": payload})
             names = payload.get("names", []) if isinstance(payload, dict) else payload[0].get("names", [])
             return {"seconds": time.perf_counter() - t0, "tensors": len(names)}
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"update_weights expects safetensors bytes, got {type(payload).__name__}")
         t0 = time.perf_counter()
-        res = self.llm.collective_rpc("load_safetensors_bytes", args=(bytes(payload),))
+        if isinstance(payload, str):
+            from nlhf.sync.files import weight_file_size
+
+            size = weight_file_size(payload)  # raises here, with the node named, if it is elsewhere
+            res = self.llm.collective_rpc("load_safetensors_file", args=(payload,))
+        elif isinstance(payload, (bytes, bytearray, memoryview)):
+            size = len(payload)
+            res = self.llm.collective_rpc("load_safetensors_bytes", args=(bytes(payload),))
+        else:
+            raise TypeError(f"update_weights expects safetensors bytes or a weight file path, got {type(payload).__name__}")
         self.llm.reset_prefix_cache()
         self._weight_version = self._weight_version + 1 if version is None else int(version)
         self.llm.update_weight_version(str(self._weight_version))
-        return {"seconds": time.perf_counter() - t0, "bytes": len(payload), "tensors": res[0]["tensors"],
+        return {"seconds": time.perf_counter() - t0, "bytes": size, "tensors": res[0]["tensors"],
                 "version": self._weight_version}
 
     # ------------------------------------------------------------------ vLLM weight transfer (GPU)
@@ -345,12 +362,14 @@ class RolloutWorker:
 
     def info(self) -> dict:
         """``{"pool", "dtype" (the resolved engine dtype), "weight_version", "engine_weight_version" (vLLM's,
-        a string; "default" before the first push), "pid", "peak_rss_gb", "peak_private_gb",
+        a string; "default" before the first push), "pid", "torch_threads", "peak_rss_gb", "peak_private_gb",
         "peak_shared_gb"}`` (peak RSS of this actor process and its sampled private / object-store
         parts, GiB: :mod:`nlhf.telemetry.memory`)."""
+        import torch
+
         return {"pool": self.pool, "dtype": self.dtype, "weight_version": self._weight_version,
                 "engine_weight_version": self.llm.get_weight_version() if self.llm is not None else None,
-                "pid": os.getpid(), **self._memory.peaks()}
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads(), **self._memory.peaks()}
 
     def stats(self) -> dict:
         """Generation counters since the previous call (then reset).
