@@ -97,6 +97,7 @@ def text_app(cluster, text_judge_cfg):
     cfg.serve.http.port = cluster
     cfg.serve.http.token = TOKEN
     cfg.on_overlong = "reject"
+    cfg.serve.torch_threads = 2  # Ray's OMP_NUM_THREADS would give the 0.25-CPU replica 1
     handle = start_judge_service(cfg, name="judge")
     return handle, f"http://127.0.0.1:{cluster}/prefer", cfg.kind
 
@@ -185,6 +186,7 @@ def test_text_service_real_pairs_are_antisymmetric(text_app, shared_data):
     np.testing.assert_allclose(p + q, 1.0, atol=1e-6)
     info = handle.info.remote().result()
     assert info["judge"] == kind and info["config"]["serve"]["http"]["token"] is None
+    assert info["torch_threads"] == 2
 
 
 def test_http_bearer_token(text_app, shared_data):

@@ -185,6 +185,9 @@ class ServeConfig(Strict):
     max_batch_size: int = Field(64, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_cpus: float = Field(0.25, gt=0)
+    # torch threads of each replica (None: inherited; Ray's OMP_NUM_THREADS gives a replica of
+    # num_cpus < 2 one thread). The judge phase runs alone between rollout and learning.
+    torch_threads: int | None = Field(None, ge=1)
     num_gpus: float = Field(0.0, ge=0)
     http: HttpConfig = HttpConfig()
 

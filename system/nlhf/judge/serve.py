@@ -139,6 +139,10 @@ class JudgeService:
         from nlhf.judge.factory import build_judge
 
         self.cfg = JudgeConfig.model_validate(cfg)
+        if self.cfg.serve.torch_threads:  # before the judge is built (an LLM judge's vLLM fixes it after)
+            import torch
+
+            torch.set_num_threads(self.cfg.serve.torch_threads)
         self.judge = build_judge(self.cfg, matrix=matrix, actions=actions)
         self.max_batch_size = self.cfg.serve.max_batch_size
         self._run_batch.set_max_batch_size(self.max_batch_size)
@@ -260,10 +264,13 @@ class JudgeService:
         return {**self._local.snapshot(), **rss}
 
     async def info(self) -> dict[str, Any]:
-        """The judge's name and the config it was built from (``JudgeConfig.model_dump()``, token removed)."""
+        """The judge's name, the config it was built from (``JudgeConfig.model_dump()``, token
+        removed) and the replica's torch threads."""
+        import torch
+
         cfg = self.cfg.model_dump()
         cfg["serve"]["http"]["token"] = None
-        return {"judge": self.judge.name, "config": cfg}
+        return {"judge": self.judge.name, "config": cfg, "torch_threads": torch.get_num_threads()}
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Any) -> Any:
