@@ -279,6 +279,10 @@ def test_state_dict_bytes_and_checkpoint_roundtrip(tiny_model_dir, tok, tmp_path
         want = torch.tensor(w.sequence_logprobs(rollouts, "policy"))
         sd = load(w.state_dict_bytes("float32"))
         sd16 = load(w.state_dict_bytes("bfloat16"))
+        # sync.backend: file writes the very same payload
+        info = w.state_dict_file("bfloat16", str(tmp_path / "sync" / "extrapolated-v000001.safetensors"))
+        assert (tmp_path / "sync" / "extrapolated-v000001.safetensors").read_bytes() == w.state_dict_bytes("bfloat16")
+        assert info["bytes"] == (tmp_path / "sync" / "extrapolated-v000001.safetensors").stat().st_size
         live = w.gathered_state_dict()
         w.save_checkpoint(str(tmp_path / "ckpt"))
         with pytest.raises(ValueError, match="dtype"):

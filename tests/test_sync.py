@@ -127,7 +127,7 @@ def test_ray_actor_syncs_from_object_ref(ray_cluster, setup, tiny_model_dir, cac
 
 # ----------------------------------------------------------------------------- sync.backend: file
 def test_file_sync_makes_engine_match_learner_and_a_missing_file_changes_nothing(setup, tiny_model_dir, tmp_path):
-    from nlhf.learner.export import write_safetensors_file
+    from nlhf.sync.writer import write_safetensors_file
     from nlhf.sync.files import WeightFileMissingError, remove_stale_weight_files, weight_file_path
 
     worker, _, ids = setup
@@ -156,7 +156,7 @@ def test_file_sync_makes_engine_match_learner_and_a_missing_file_changes_nothing
 
 
 def test_file_payload_equals_object_store_payload(tmp_path):
-    from nlhf.learner.export import safetensors_bytes, write_safetensors_file
+    from nlhf.sync.writer import safetensors_bytes, write_safetensors_file
     from nlhf.sync.files import iter_weight_file, read_weight_file
 
     named = [("a", torch.randn(3, 5)), ("b", torch.arange(7)), ("c", torch.randn(4, dtype=torch.float64))]

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from nlhf.sync.writer import safetensors_bytes, write_safetensors_file
+
 SAFETENSORS_NAME = "model.safetensors"
 _JSONABLE = (bool, int, float, str, type(None))
 
@@ -42,104 +44,6 @@ def _jsonable(value: object) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _jsonable(v) for k, v in value.items())
     return False
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_safetensors(named, stream, *, cast_to: torch.dtype | None = None,
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write ``(name, tensor)`` pairs to the binary ``stream`` in the safetensors format (8-byte
-    little-endian header length, JSON header with dtype / shape / data offsets, space-padded to
-    8 bytes, then the raw little-endian data), floating-point tensors cast to ``cast_to`` one at a
-    time, so the only extra memory is one cast tensor. ``safetensors.torch.load`` /
-    ``safe_open`` read the result.
-
-    ``named``: a list of pairs, or a callable returning a fresh iterator of the same pairs each
-    time (called twice: header, then data), so tensors made on the fly (LoRA's merged weights)
-    are alive one at a time.
-
-    Returns:
-        The number of bytes written.
-
-    Raises:
-        ValueError: a duplicate name or a dtype safetensors has no code for.
-    """
-    import struct
-
-    pairs = named if callable(named) else (lambda: iter(named))
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, t in pairs():
-        dt = cast_to if (cast_to is not None and t.is_floating_point()) else t.dtype
-        if dt not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code")
-        if name in header:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        size = t.numel() * torch.empty((), dtype=dt).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    stream.write(struct.pack("<Q", len(head)))
-    stream.write(head)
-    for _, t in pairs():
-        t = t.detach()
-        if cast_to is not None and t.is_floating_point() and t.dtype != cast_to:
-            t = t.to(device="cpu", dtype=cast_to)
-        t = t.to("cpu").contiguous()
-        if t.numel():
-            stream.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return 8 + len(head) + offset
-
-
-def safetensors_bytes(named, *, cast_to: torch.dtype | None = None,
-                      metadata: dict[str, str] | None = None) -> bytes:
-    """:func:`write_safetensors` into one growing buffer whose bytes are returned without a
-    further copy.
-
-    Raises:
-        ValueError: as :func:`write_safetensors`.
-    """
-    import io
-
-    buf = io.BytesIO()
-    size = write_safetensors(named, buf, cast_to=cast_to, metadata=metadata)
-    out = buf.getvalue()  # CPython hands over its internal bytes object (no copy)
-    if len(out) != size:
-        raise RuntimeError("safetensors_bytes: payload size mismatch")
-    return out
-
-
-def write_safetensors_file(path: str | Path, named, *, cast_to: torch.dtype | None = None,
-                           metadata: dict[str, str] | None = None) -> int:
-    """:func:`write_safetensors` into the file ``path``, atomically: written as ``path.tmp`` in
-    the same folder (created if missing), flushed, then renamed over ``path``, so a reader sees
-    the old file or the whole new one. The data goes through the page cache, not this process's
-    memory.
-
-    Returns:
-        The file size in bytes.
-
-    Raises:
-        ValueError: as :func:`write_safetensors`. OSError: the folder cannot be written.
-    """
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            size = write_safetensors(named, f, cast_to=cast_to, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return size
 
 
 class ExportMixin:
@@ -193,16 +97,8 @@ class ExportMixin:
         Raises:
             ValueError: an unknown ``dtype``.
         """
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
-        target = getattr(torch, dtype)
-        t0 = time.perf_counter()
-        with torch.no_grad(), self._gathered():
-            if self.rank != 0:
-                return None
-            payload = safetensors_bytes(self._named_weights, cast_to=target, metadata={"format": "pt"})
-        self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
-        return payload
+        return self._export(dtype, lambda target: safetensors_bytes(self._named_weights, cast_to=target,
+                                                                    metadata={"format": "pt"}))
 
     def state_dict_file(self, dtype: str, path: str) -> dict | None:
         """Like :meth:`state_dict_bytes`, but rank 0 writes the safetensors file ``path``
@@ -216,16 +112,22 @@ class ExportMixin:
         Raises:
             ValueError: an unknown ``dtype``. OSError: ``path`` cannot be written.
         """
+        size = self._export(dtype, lambda target: write_safetensors_file(path, self._named_weights, cast_to=target,
+                                                                         metadata={"format": "pt"}))
+        return None if size is None else {"path": str(path), "bytes": size}
+
+    def _export(self, dtype: str, write):
+        """Check ``dtype``, gather the weights (collective) and on rank 0 return ``write(torch dtype)``
+        (None on other ranks), adding the time to ``export_seconds``."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16' (the engines' resolved dtype), got {dtype!r}")
-        target = getattr(torch, dtype)
         t0 = time.perf_counter()
         with torch.no_grad(), self._gathered():
             if self.rank != 0:
                 return None
-            size = write_safetensors_file(path, self._named_weights, cast_to=target, metadata={"format": "pt"})
+            out = write(getattr(torch, dtype))
         self._export_seconds = getattr(self, "_export_seconds", 0.0) + time.perf_counter() - t0
-        return {"path": str(path), "bytes": size}
+        return out
 
     def save_checkpoint(self, path: str) -> None:
         """Write the policy as an HF folder (``config.json``, ``model.safetensors``, generation

@@ -6,7 +6,7 @@ Why a file rather than the object store on one machine: a ``ray.put`` payload is
 Ray's shared-memory arena, and its pages stay mapped, and counted in the resident set, in the
 learner that wrote it and in every engine that read it (1.5 GB each in the fp32 bench: the two
 pools' live payloads and the one in flight). A file goes through the page cache: the writer
-streams tensor by tensor (:func:`nlhf.learner.export.write_safetensors_file`), and the reader
+streams tensor by tensor (:func:`nlhf.sync.writer.write_safetensors_file`), and the reader
 maps it only while it loads. The engine process opens the file itself, so the bytes do not pass
 through the rollout actor and vLLM's RPC either.
 
