@@ -298,8 +298,8 @@ class WeightSync:
     safetensors bytes in the pool's engine dtype once; the ObjectRef goes to every worker of the
     pool, which reloads its engine in place. ``file``: the same payload written by learner rank 0
     as ``sync.dir/{pool}-v{version}.safetensors`` (:mod:`nlhf.sync.files`); the path goes to the
-    workers, and the pool's previous file is deleted once all have loaded. ``nccl``: vLLM's weight-transfer API, one packed NCCL
-    group per pool of vLLM engines (:mod:`nlhf.sync.weight_transfer`), opened here with the
+    workers, and the pool's previous file is deleted once all have loaded. ``nccl``: vLLM's
+    weight-transfer API, one packed NCCL group per pool of vLLM engines (:mod:`nlhf.sync.weight_transfer`), opened here with the
     rendezvous on learner rank 0's node and reopened when :attr:`learners` is replaced (a new
     learner group after a restart); a mixture-sampler pool (``nash-md-pg``) keeps the object store.
     Every push carries the next weight version of that pool (``RunState.weight_versions``); the
@@ -369,7 +369,6 @@ class WeightSync:
         self.counters.sync_seconds += dt
         self.counters.sync_reload_seconds += float(max((r.get("seconds", 0.0) for r in results), default=0.0))
         return {"seconds": dt, "bytes": nbytes}
-
 
     def payload(self, pool_name: str, version: int) -> Any:
         """The learner's current weights for ``pool_name`` as the CPU transports carry them: the
