@@ -386,9 +386,10 @@ class WeightSync:
         """Delete the weight files (``file`` backend) and their folder when it is left empty."""
         if self.cfg.sync.backend != "file" or not self.folder.is_dir():
             return
+        from nlhf.sync.files import remove_stale_weight_files
+
         for name in self.pools:
-            for p in self.folder.glob(f"{name}-v*"):
-                p.unlink(missing_ok=True)
+            remove_stale_weight_files(self.folder, name)
         try:
             self.folder.rmdir()
         except OSError:  # someone else's files are there

@@ -45,19 +45,17 @@ def weight_file_path(folder: str | Path, pool: str, version: int) -> Path:
     return Path(folder) / f"{pool}-v{int(version):06d}{SUFFIX}"
 
 
-def stale_weight_files(folder: str | Path, pool: str, keep: Path) -> list[Path]:
-    """The weight files of ``pool`` in ``folder`` other than ``keep`` (older versions, or a
-    leftover ``.tmp`` of an interrupted write), which :func:`remove_stale_weight_files` deletes."""
+def remove_stale_weight_files(folder: str | Path, pool: str, keep: Path | None = None) -> int:
+    """Delete the weight files of ``pool`` in ``folder`` other than ``keep`` (older versions, or a
+    leftover ``.tmp`` of an interrupted write; all of them when ``keep`` is None); returns how many
+    were removed (a file already gone is skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f"{pool}-v*{SUFFIX}*") if p.name != Path(keep).name)
-
-
-def remove_stale_weight_files(folder: str | Path, pool: str, keep: Path) -> int:
-    """Delete :func:`stale_weight_files`; returns how many were removed (a file already gone is skipped)."""
+        return 0
     n = 0
-    for p in stale_weight_files(folder, pool, keep):
+    for p in folder.glob(f"{pool}-v*{SUFFIX}*"):
+        if keep is not None and p.name == Path(keep).name:
+            continue
         try:
             p.unlink()
             n += 1
@@ -107,4 +105,3 @@ def weight_file_size(path: str | Path) -> int:
         WeightFileMissingError: ``path`` does not exist here.
     """
     return _check(path).stat().st_size
-
