@@ -101,9 +101,10 @@ def test_kl_anchor_is_measured_after_the_step(tiny_model_dir, tok):
 
 @pytest.mark.parametrize("name", ["nash-mp", "nash-md-pg"])
 def test_separable_loss_steps_skip_the_rescoring_pass(tiny_model_dir, tok, monkeypatch, name):
-    """Inner steps >= 1 of a policy-gradient loss take dL/dlogp_i from each micro-batch's own
-    gradient forward: one model forward fewer per micro-batch and step than re-scoring the batch
-    first, and the same theta_{k+1} and loss metrics (up to float rounding)."""
+    """Every inner step of a policy-gradient loss takes dL/dlogp_i from each micro-batch's own
+    gradient forward (step 0's is also the scoring pass at theta_k): one model forward fewer per
+    micro-batch and step than scoring the batch in a no-grad pass first, and the same theta_{k+1}
+    and loss metrics (up to float rounding)."""
     from nlhf.learner.update import UpdateMixin
 
     steps, mbs = 3, 3  # 8 rollouts in micro-batches of 3: 3 micro-batches, the last one short
@@ -121,12 +122,53 @@ def test_separable_loss_steps_skip_the_rescoring_pass(tiny_model_dir, tok, monke
             hook.remove()
             runs[fused] = (len(calls), m, w.gathered_state_dict())
     (n_fused, m_fused, theta_fused), (n_plain, m_plain, theta_plain) = runs[True], runs[False]
-    assert n_plain - n_fused == (steps - 1) * 3
+    assert n_plain - n_fused == steps * 3
     for k in theta_plain:
         torch.testing.assert_close(theta_fused[k], theta_plain[k], rtol=1e-4, atol=1e-6, msg=k)
     for key in ("loss", "ratio_mean", "ratio_max", "clip_frac", "kl_anchor"):
         assert m_fused[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
     assert m_fused["ratio_max"] > 1.0  # later inner steps saw moved weights
+
+
+@pytest.mark.parametrize("cap", [None, 1.2])
+def test_scoring_pass_fused_with_the_first_step_gives_the_same_update(tiny_model_dir, tok, monkeypatch, cap):
+    """Pass 1 run as step 0's gradient forward (separable loss, snapshot anchor, no dropout)
+    gives the start scores of a separate no-grad pass: the same kl_ref, engine-learner gap,
+    truncated-IS weights and theta_{k+1/2}, and the full step reuses them as before. With
+    dropout in the policy the separate pass stays (train and eval forwards differ)."""
+    from nlhf.learner.update import UpdateMixin
+
+    rollouts = make_rollouts(tok)
+    runs = {}
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(UpdateMixin, "_fuses_first_step", lambda self: False)
+        cfg = make_cfg(algorithm={"inner_steps": 2, "beta": 0.5, "clip": 0.2, "engine_is_cap": cap})
+        with learner(cfg, tiny_model_dir) as w:
+            assert w._fuses_first_step() is fuse
+            batch = batch_for(w, rollouts, PREF, engine_offset=-0.1)
+            half = w.half_step(batch)
+            full = w.full_step(batch)
+            runs[fuse] = (half, full, w.gathered_state_dict())
+    (h1, f1, t1), (h0, f0, t0) = runs[True], runs[False]
+    for k in t0:
+        torch.testing.assert_close(t1[k], t0[k], rtol=1e-4, atol=1e-6, msg=k)
+    keys = ["loss", "kl_ref", "kl_ref_sample", "logprob_gap", "response_len", "ratio_mean", "kl_anchor"]
+    keys += ["engine_is_weight_mean"] if cap is not None else []
+    for m1, m0 in ((h1, h0), (f1, f0)):
+        for key in keys:
+            assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-6), key
+    assert h1["logprob_gap"] == pytest.approx(0.1, abs=1e-5)
+    if cap is not None:
+        want = sum(min(math.exp(0.1 * len(r.response_token_ids)), cap) for r in rollouts) / len(rollouts)
+        assert h1["engine_is_weight_mean"] == pytest.approx(want, rel=1e-5)  # pi_s / pi_engine = e^0.1 per token
+
+
+def test_dropout_keeps_the_separate_scoring_pass(tiny_model_dir, tok):
+    cfg = make_cfg(algorithm={"inner_steps": 2})
+    with learner(cfg, tiny_model_dir) as w:
+        w.engine.module.add_module("extra_dropout", torch.nn.Dropout(0.1))
+        assert not w._fuses_first_step()
 
 
 def test_pair_losses_need_partners(tiny_model_dir, tok):

@@ -1,7 +1,8 @@
 """The DeepSpeed learner and the Ray group of learner ranks.
 
 Modules: :mod:`~nlhf.learner.logprobs` (sequence and per-token log-probs, exact KL to the
-reference), :mod:`~nlhf.learner.update` (scoring at theta_k, inner steps, post-step metrics),
+reference), :mod:`~nlhf.learner.scoring` (the batch scored at theta_k, alone or fused with the first
+inner step), :mod:`~nlhf.learner.update` (inner steps, post-step metrics),
 :mod:`~nlhf.learner.snapshot` (theta_k kept in memory or on disk, restored bit for bit),
 :mod:`~nlhf.learner.export` (weights for the engines, HF checkpoints, trainer state),
 :mod:`~nlhf.learner.worker` (one rank: the algorithms' operations), :mod:`~nlhf.learner.group`

@@ -21,7 +21,7 @@ Two entry points:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +180,101 @@ class Scores:
     kl_ref: torch.Tensor | None = None
 
 
+@dataclass
+class MicroScores:
+    """One micro-batch of a scoring pass (see :func:`scored_micro_batches`).
+
+    Attributes:
+        start: index of the micro-batch's first rollout in the pass's rollouts.
+        logp, token_logp, logp_ref, kl_ref: as :class:`Scores`, for the micro-batch's n
+            rollouts (detached).
+        logp_grad: (n,) ``log pi(y_i|x_i)`` carrying the policy forward's autograd graph
+            (``grad=True``), else None.
+    """
+
+    start: int
+    logp: torch.Tensor
+    token_logp: list[torch.Tensor]
+    logp_ref: torch.Tensor | None
+    kl_ref: torch.Tensor | None
+    logp_grad: torch.Tensor | None = None
+
+
+def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
+                         action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
+                         reference: torch.nn.Module | None = None, chunk_tokens: int = 64,
+                         reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                         grad: bool = False) -> Iterator[MicroScores]:
+    """The scoring pass of :func:`score_rollouts`, one micro-batch at a time.
+
+    With ``grad=True`` the policy forward keeps its autograd graph and each item's
+    ``logp_grad`` is differentiable (the caller back-propagates it before asking for the next
+    micro-batch, so one micro-batch's activations are alive at a time); the reference forward and
+    the per-token reductions never record a graph. The detached values are those of a no-grad
+    pass at the same weights (same forward; the model's train/eval mode is the caller's).
+
+    Yields:
+        :class:`MicroScores` per micro-batch of ``micro_batch_size`` rollouts, in order.
+
+    Raises:
+        ValueError: as :func:`score_rollouts`.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check(rollouts, action_token_ids)
+    device = next(iter(model.parameters())).device
+    actions = None if action_token_ids is None else torch.tensor(list(action_token_ids), dtype=torch.long, device=device)
+    in_ref = reference_context or contextlib.nullcontext
+    for start in range(0, len(rollouts), micro_batch_size):
+        chunk = rollouts[start:start + micro_batch_size]
+        n = len(chunk)
+        input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
+        tgt = _target_index(targets[mask], actions)
+        logp_grad = None
+        with torch.set_grad_enabled(grad):
+            rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
+            if grad:  # the differentiable sum, as sequence_logprobs computes it
+                logits = pol_of(0, len(rows)).float()  # (M, V) or (M, A)
+                tok_g = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                logp_grad = torch.zeros(n, dtype=tok_g.dtype, device=device).index_add(0, rows, tok_g)
+                detached = logits.detach()
+                pol_of = (lambda s, e, _l=detached: _l[s:e])
+        with torch.no_grad():
+            ref_of = None
+            if reference is not None:
+                with in_ref():
+                    _, ref_inner = _response_logits(reference, input_ids.to(_device_of(reference)),
+                                                    attention.to(_device_of(reference)), mask.to(_device_of(reference)),
+                                                    None if actions is None else actions.to(_device_of(reference)))
+
+                def ref_of(s: int, e: int, _inner=ref_inner) -> torch.Tensor:
+                    with in_ref():
+                        return _inner(s, e)
+            tok = torch.empty(len(rows), dtype=torch.float32, device=device)
+            tok_ref = torch.empty_like(tok)
+            kl = torch.empty_like(tok)
+            for s in range(0, len(rows), chunk_tokens):
+                e = min(s + chunk_tokens, len(rows))
+                lp = pol_of(s, e).float().log_softmax(-1)  # (c, V)
+                idx = tgt[s:e].unsqueeze(-1)
+                tok[s:e] = lp.gather(-1, idx).squeeze(-1)
+                if ref_of is not None:
+                    lr = ref_of(s, e).float().to(device).log_softmax(-1)
+                    tok_ref[s:e] = lr.gather(-1, idx).squeeze(-1)
+                    # exact KL(pi || pi_ref) of each position's next-token distribution; clamp: rounding only
+                    kl[s:e] = (lp.exp() * (lp - lr)).sum(-1).clamp(min=0.0)
+                    del lr
+                del lp
+            counts = [len(r.response_token_ids) for r in chunk]
+            per_seq = (lambda v: torch.zeros(n, device=device).index_add(0, rows, v))
+            item = MicroScores(start, per_seq(tok), list(torch.split(tok, counts)),
+                               per_seq(tok_ref) if reference is not None else None,
+                               per_seq(kl) if reference is not None else None, logp_grad)
+        yield item  # outside the no-grad block: grad mode is global, a suspended `with` would leak it
+
+
 @torch.no_grad()
 def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                    action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
@@ -209,55 +304,15 @@ def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_ba
     Raises:
         ValueError: as :func:`sequence_logprobs`, or ``chunk_tokens < 1``.
     """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    _check(rollouts, action_token_ids)
     device = next(iter(model.parameters())).device
-    actions = None if action_token_ids is None else torch.tensor(list(action_token_ids), dtype=torch.long, device=device)
-    logps, refs, kls, tokens = [], [], [], []
-    for start in range(0, len(rollouts), micro_batch_size):
-        chunk = rollouts[start:start + micro_batch_size]
-        input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
-        tgt = _target_index(targets[mask], actions)
-        rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
-        ref_of = None
-        if reference is not None:
-            in_ref = reference_context or contextlib.nullcontext
-            with in_ref():
-                _, ref_inner = _response_logits(reference, input_ids.to(_device_of(reference)),
-                                                attention.to(_device_of(reference)), mask.to(_device_of(reference)),
-                                                None if actions is None else actions.to(_device_of(reference)))
-
-            def ref_of(s: int, e: int, _inner=ref_inner, _ctx=in_ref) -> torch.Tensor:
-                with _ctx():
-                    return _inner(s, e)
-        tok = torch.empty(len(rows), dtype=torch.float32, device=device)
-        tok_ref = torch.empty_like(tok)
-        kl = torch.empty_like(tok)
-        for s in range(0, len(rows), chunk_tokens):
-            e = min(s + chunk_tokens, len(rows))
-            lp = pol_of(s, e).float().log_softmax(-1)  # (c, V)
-            idx = tgt[s:e].unsqueeze(-1)
-            tok[s:e] = lp.gather(-1, idx).squeeze(-1)
-            if ref_of is not None:
-                lr = ref_of(s, e).float().to(device).log_softmax(-1)
-                tok_ref[s:e] = lr.gather(-1, idx).squeeze(-1)
-                # exact KL(pi || pi_ref) of each position's next-token distribution; clamp: rounding only
-                kl[s:e] = (lp.exp() * (lp - lr)).sum(-1).clamp(min=0.0)
-                del lr
-            del lp
-        n = len(chunk)
-        logps.append(torch.zeros(n, device=device).index_add(0, rows, tok))
-        counts = [len(r.response_token_ids) for r in chunk]
-        tokens.extend(torch.split(tok, counts))
-        if reference is not None:
-            refs.append(torch.zeros(n, device=device).index_add(0, rows, tok_ref))
-            kls.append(torch.zeros(n, device=device).index_add(0, rows, kl))
+    parts = list(scored_micro_batches(model, rollouts, micro_batch_size, action_token_ids, pad_token_id,
+                                      reference, chunk_tokens, reference_context))
     cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, device=device))
-    return Scores(cat(logps), list(tokens), cat(refs) if reference is not None else None,
-                  cat(kls) if reference is not None else None)
+    tokens = [t for p in parts for t in p.token_logp]
+    if reference is None:
+        return Scores(cat([p.logp for p in parts]), tokens)
+    return Scores(cat([p.logp for p in parts]), tokens, cat([p.logp_ref for p in parts]),
+                  cat([p.kl_ref for p in parts]))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

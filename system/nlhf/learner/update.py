@@ -9,7 +9,10 @@ scores rollouts r, r+W, ... and vectors are summed over ranks):
    ``log pi_s`` (B,), per-token ``log pi_s``, ``log pi_ref`` (B,) and the exact per-token
    KL(pi_s || pi_ref) summed over response tokens (:func:`nlhf.learner.logprobs.score_rollouts`).
    ``pi_s`` is the behaviour policy of the importance ratios (as the learner computes it, not the
-   engine's log-prob), and in snapshot mode also the proximal anchor pi_k.
+   engine's log-prob), and in snapshot mode also the proximal anchor pi_k. For a separable loss
+   (below) in snapshot mode the pass *is* step 0's gradient forward: each micro-batch is scored
+   with grad, its ``dL/dlogp`` at ``logp = logp_s`` formed and back-propagated at once
+   (:meth:`UpdateMixin._score_start_and_backward`; one forward over the batch fewer).
 2. **M inner steps** (``cfg.algorithm.inner_steps``; 1 for EGPO, see :mod:`nlhf.learner.worker`):
    each needs the batch's log-probs at the current theta (step 0 reuses pass 1), evaluates the
    loss and ``g = dL/dlogp`` (B,) on the whole batch identically on every rank, back-propagates
@@ -34,119 +37,24 @@ correction of the gap between the engine that sampled y and the learner's pi_s.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from nlhf.algorithms.losses import LOG_RATIO_CAP, LossOutput
 from nlhf.batch import Rollout, StepBatch
-from nlhf.learner.logprobs import score_rollouts, sequence_logprobs
+from nlhf.learner.logprobs import sequence_logprobs
+from nlhf.learner.scoring import ScoringMixin, StartScores, _capped_ratio
 
 # metrics the update computes itself; the loss's own keys of the same name (sample means) are dropped
 _OWN_KEYS = ("loss", "grad_norm", "kl_ref", "kl_anchor")
 
 
-def rollout_key(rollouts: list[Rollout]) -> tuple:
-    """Identity of a batch's samples (prompt and response ids) for reusing its start scores."""
-    return tuple((tuple(r.prompt_token_ids), tuple(r.response_token_ids)) for r in rollouts)
-
-
-@dataclass
-class StartScores:
-    """Full-batch (B,) vectors at the update's start point theta_s (see module docstring)."""
-
-    key: tuple
-    logp_s: torch.Tensor  # log pi_s(y_i|x_i), the behaviour policy of the ratios
-    logp_ref: torch.Tensor
-    logp_anchor: torch.Tensor  # pi_k: = logp_s in snapshot mode, the EMA model's otherwise
-    kl_ref: torch.Tensor  # exact sum_t KL(pi_s || pi_ref) per sequence
-    gap_sum: float  # sum over response tokens of |log pi_engine - log pi_s|
-    tokens: int  # response tokens in the batch
-
-
-class UpdateMixin:
+class UpdateMixin(ScoringMixin):
     """The update machinery of :class:`nlhf.learner.worker.LearnerWorker` (needs its attributes:
     ``cfg, engine, anchor, rank, world_size, device, pad_token_id, action_token_ids`` and
     ``_reference_kw()``, the pi_ref arguments of ``score_rollouts``)."""
-
-    # ------------------------------------------------------------------ sharding
-    def _shard(self, n: int) -> tuple[list[int], torch.Tensor]:
-        """This rank's indices into a batch of n (padded to ceil(n/W) with repeats) and their 0/1 weights."""
-        per_rank = math.ceil(n / self.world_size)
-        idx = list(range(self.rank, n, self.world_size))
-        valid = [1.0] * len(idx) + [0.0] * (per_rank - len(idx))
-        idx = idx + [idx[0] if idx else 0] * (per_rank - len(idx))
-        return idx, torch.tensor(valid, device=self.device)
-
-    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def _to_full(self, local: torch.Tensor, idx: list[int], valid: torch.Tensor, n: int) -> torch.Tensor:
-        """Scatter a shard's values (zero-weight padding dropped) into a (n,) vector summed over ranks."""
-        full = torch.zeros(n, dtype=torch.float32, device=self.device)
-        keep = valid > 0
-        full[torch.tensor(idx, device=self.device)[keep]] = local.float().to(self.device)[keep]
-        return self._all_sum(full)
-
-    # ------------------------------------------------------------------ scoring
-    def _policy_module(self) -> torch.nn.Module:
-        return self.engine.module
-
-    def _policy_logp_full(self, local: list[Rollout], idx: list[int], valid: torch.Tensor, n: int) -> torch.Tensor:
-        """(n,) log pi_theta at the current weights, no grad (collective under ZeRO-3)."""
-        model = self._policy_module()
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                lp = sequence_logprobs(model, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                       pad_token_id=self.pad_token_id)
-        finally:
-            model.train(was)
-        return self._to_full(lp, idx, valid, n)
-
-    def _score_start(self, batch: StepBatch) -> StartScores:
-        """Pass 1 at the current weights (collective)."""
-        rollouts = batch.rollouts
-        n = len(rollouts)
-        idx, valid = self._shard(n)
-        local = [rollouts[i] for i in idx]
-        model = self._policy_module()
-        was = model.training
-        model.eval()
-        try:
-            sc = score_rollouts(model, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                pad_token_id=self.pad_token_id, **self._reference_kw())
-        finally:
-            model.train(was)
-        gap, tokens = 0.0, 0
-        for j, (r, tok) in enumerate(zip(local, sc.token_logp)):
-            if valid[j] <= 0:
-                continue
-            tokens += len(r.response_token_ids)
-            eng = r.sampler_token_logprobs
-            if len(eng) == len(r.response_token_ids):
-                gap += float((torch.tensor(eng, dtype=torch.float32) - tok.cpu()).abs().sum())
-            else:
-                gap += abs(float(r.sampler_logprob) - float(tok.sum()))
-        sums = self._all_sum(torch.tensor([gap, float(tokens)], dtype=torch.float64, device=self.device))
-        logp_s = self._to_full(sc.logp, idx, valid, n)
-        if self.anchor is not None:  # EMA anchor
-            with torch.no_grad():
-                la = sequence_logprobs(self.anchor, local, self.cfg.learner.micro_batch_size, self.action_token_ids,
-                                       pad_token_id=self.pad_token_id)
-            logp_anchor = self._to_full(la, idx, valid, n)
-        else:
-            logp_anchor = logp_s
-        return StartScores(rollout_key(rollouts), logp_s, self._to_full(sc.logp_ref, idx, valid, n), logp_anchor,
-                           self._to_full(sc.kl_ref, idx, valid, n), float(sums[0]), int(sums[1]))
 
     # ------------------------------------------------------------------ losses
     def _loss_fn(self, batch: StepBatch, start: StartScores, weight: torch.Tensor | None
@@ -179,8 +87,11 @@ class UpdateMixin:
         cap = self.cfg.algorithm.engine_is_cap
         if cap is None:
             return None
-        eng = torch.tensor([r.sampler_logprob for r in batch.rollouts], dtype=torch.float32, device=self.device)
-        return torch.exp((start.logp_s - eng).clamp(max=LOG_RATIO_CAP)).clamp(max=float(cap))
+        return _capped_ratio(start.logp_s, self._engine_logp(batch), cap)
+
+    def _engine_logp(self, batch: StepBatch) -> torch.Tensor:
+        """(B,) log pi_engine(y_i|x_i), the sampling engine's own sequence log-probs."""
+        return torch.tensor([r.sampler_logprob for r in batch.rollouts], dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ the update
     def _separable_loss(self) -> bool:
@@ -277,16 +188,21 @@ class UpdateMixin:
         n = len(batch.rollouts)
         if n == 0:
             raise ValueError("empty StepBatch")
-        start = start if start is not None else self._score_start(batch)
         idx, valid = self._shard(n)
         local = [batch.rollouts[i] for i in idx]
-        weight = self._engine_weight(batch, start)
-        loss_fn = self._loss_fn(batch, start, weight)
-        mb = self.cfg.learner.micro_batch_size
+        first = None  # step 0's loss when pass 1 already accumulated its gradient
+        if start is None and steps >= 1 and self._fuses_first_step():
+            start, weight, loss_fn, first = self._score_start_and_backward(batch, local, idx, valid)
+        else:
+            start = start if start is not None else self._score_start(batch)
+            weight = self._engine_weight(batch, start)
+            loss_fn = self._loss_fn(batch, start, weight)
         fused = self._separable_loss()
         metrics: dict[str, float] = {}
         for step in range(steps):
-            if step == 0 or not fused:
+            if step == 0 and first is not None:
+                out = first
+            elif step == 0 or not fused:
                 logp_now = start.logp_s if step == 0 else self._policy_logp_full(local, idx, valid, n)
                 out = self._backward_given(loss_fn, logp_now, local, idx, valid)
             else:

@@ -71,7 +71,8 @@ from nlhf.learner.engine import (
 from nlhf.learner.export import SAFETENSORS_NAME, ExportMixin
 from nlhf.learner.logprobs import score_rollouts, sequence_logprobs
 from nlhf.learner.snapshot import Snapshot, adamw_preview_
-from nlhf.learner.update import UpdateMixin, rollout_key
+from nlhf.learner.scoring import rollout_key
+from nlhf.learner.update import UpdateMixin
 from nlhf.telemetry.memory import MemoryWatch
 
 __all__ = ["SAFETENSORS_NAME", "LearnerWorker", "build_ds_config", "clips_itself", "return_freed_memory_to_the_os"]
