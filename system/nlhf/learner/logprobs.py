@@ -120,6 +120,14 @@ def _target_index(tgt: torch.Tensor, actions: torch.Tensor | None) -> torch.Tens
     return (tgt.unsqueeze(-1) == actions).float().argmax(-1)
 
 
+def _sequence_sums(logits: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) per-row sums of ``log_softmax(logits)[tgt]`` over the M response positions
+    (``logits`` (M, V) float32, ``tgt`` (M,) column indices, ``rows`` (M,) row of each position);
+    differentiable in ``logits``."""
+    tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+
 def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                       action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
     """log pi(y_i | x_i) for every rollout, summed over its response tokens, in nats.
@@ -153,10 +161,8 @@ def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro
         chunk = rollouts[start:start + micro_batch_size]
         input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
         rows, logits_of = _response_logits(model, input_ids, attention, mask, actions)
-        logits = logits_of(0, len(rows)).float()  # (M, V) or (M, A)
-        tgt = _target_index(targets[mask], actions)
-        tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
-        out.append(torch.zeros(len(chunk), dtype=tok.dtype, device=device).index_add(0, rows, tok))
+        out.append(_sequence_sums(logits_of(0, len(rows)).float(), _target_index(targets[mask], actions), rows,
+                                  len(chunk)))
     if not out:
         return torch.zeros(0, device=device)
     return torch.cat(out)
@@ -237,8 +243,7 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
             rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
             if grad:  # the differentiable sum, as sequence_logprobs computes it
                 logits = pol_of(0, len(rows)).float()  # (M, V) or (M, A)
-                tok_g = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-                logp_grad = torch.zeros(n, dtype=tok_g.dtype, device=device).index_add(0, rows, tok_g)
+                logp_grad = _sequence_sums(logits, tgt, rows, n)
                 detached = logits.detach()
                 pol_of = (lambda s, e, _l=detached: _l[s:e])
         with torch.no_grad():

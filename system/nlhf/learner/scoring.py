@@ -58,7 +58,8 @@ class StartScores:
 
 class ScoringMixin:
     """Sharding and start-point scoring of :class:`nlhf.learner.update.UpdateMixin` (needs the
-    same attributes, and its ``_loss_fn``, ``_engine_logp`` and ``_separable_loss``)."""
+    same attributes, and its ``_loss_fn``, ``_engine_logp``, ``_separable_loss`` and
+    ``_backward_micro_batch``)."""
 
     # ------------------------------------------------------------------ sharding
     def _shard(self, n: int) -> tuple[list[int], torch.Tensor]:
@@ -180,10 +181,7 @@ class ScoringMixin:
             kl_ref[pos] = part.kl_ref.float().to(self.device)[keep]
             if weight is not None:
                 weight[pos] = _capped_ratio(logp_s[pos], engine_logp[pos], cap)
-            probe = logp_s.clone().requires_grad_(True)
-            (g_full,) = torch.autograd.grad(loss_fn(probe).loss, probe)
-            g = g_full[pos_all[sl]] * valid[sl] * self.world_size
-            self.engine.backward((g * part.logp_grad).sum(), scale_wrt_gas=False)
+            self._backward_micro_batch(loss_fn, logp_s, pos_all[sl], valid[sl], part.logp_grad)
             sums += _gap_and_tokens(local[sl], part.token_logp, valid[sl])
         for t in (logp_s, logp_ref, kl_ref) + ((weight,) if weight is not None else ()):
             self._all_sum(t)  # in place: each sample was written on one rank only

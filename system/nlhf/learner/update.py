@@ -133,13 +133,21 @@ class UpdateMixin(ScoringMixin):
                                    pad_token_id=self.pad_token_id)
             probe = logp_fill.detach().clone()
             probe[pos[s:s + mb]] = lp.detach().float()
-            leaf = probe.requires_grad_(True)
-            (g_full,) = torch.autograd.grad(loss_fn(leaf).loss, leaf)
-            g = g_full[pos[s:s + mb]] * valid[s:s + mb] * self.world_size
-            self.engine.backward((g * lp).sum(), scale_wrt_gas=False)
+            self._backward_micro_batch(loss_fn, probe, pos[s:s + mb], valid[s:s + mb], lp)
             seen[s:s + mb] = lp.detach().float()
         with torch.no_grad():
             return loss_fn(self._to_full(seen, idx, valid, n))
+
+    def _backward_micro_batch(self, loss_fn: Callable[[torch.Tensor], LossOutput], probe: torch.Tensor,
+                              pos: torch.Tensor, valid: torch.Tensor, logp: torch.Tensor) -> None:
+        """For a separable loss: ``g = dL/dlogp`` at the (B,) vector ``probe`` (detached; its
+        entries ``pos`` hold this micro-batch's log-probs), restricted to ``pos`` and weighted by
+        ``valid * W``, then the engine's backward of ``sum(g * logp)`` (``logp``: the micro-batch's
+        differentiable (m,) log-probs)."""
+        leaf = probe.detach().clone().requires_grad_(True)
+        (g_full,) = torch.autograd.grad(loss_fn(leaf).loss, leaf)
+        g = g_full[pos] * valid * self.world_size
+        self.engine.backward((g * logp).sum(), scale_wrt_gas=False)
 
     def kl_anchor_selection(self, n: int) -> list[int]:
         """Indices of the samples the post-step pass scores: ``learner.kl_anchor_samples`` of
