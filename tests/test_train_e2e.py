@@ -71,6 +71,9 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
     summary = json.loads((out / "summary.json").read_text())
     wr = summary["win_rate_vs_initial"]
     assert wr["num_prompts"] == 4 and wr["ci95_low"] <= wr["win_rate"] <= wr["ci95_high"]
+    # KL(pi_final || pi_ref) on the first final response of each prompt (data.eval_kl_samples_per_prompt
+    # = 1 by default), not on all 4 x 4 of them: two learner forwards per response
+    assert wr["kl_samples"] == 4 and wr["kl_final_to_reference"] > 0.0 and wr["kl_final_to_reference_se"] >= 0.0
     # save_every=1: iteration 1 is a checkpoint of its own, the last iteration is `final`
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["final", "iter_00001"]
     for ckpt in ("iter_00001", "final"):

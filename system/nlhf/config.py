@@ -87,6 +87,10 @@ class DataConfig(Strict):
     system_prompt: str | None = None
     eval_num_prompts: int = Field(80, gt=0)
     eval_samples_per_prompt: int = Field(2, ge=1)  # held-out win rate: responses per prompt and side
+    # KL(pi_final || pi_ref) in summary.json: exact per-token KL on the first this-many final
+    # responses of each held-out prompt (two learner forwards per response: on a 2-core CPU the
+    # 264 responses of the embedded default cost ~2.5 min in fp32, 1 per prompt a quarter of that)
+    eval_kl_samples_per_prompt: int = Field(1, ge=1)
 
 
 class GameConfig(Strict):

@@ -53,9 +53,12 @@ class RolloutPool:
 
     def __init__(self, name: str, cfg: TrainConfig, model_path: str, *, placement_group: PlacementGroup | None,
                  first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str], counters: Counters,
-                 note: Note = print, reference_path: str | None = None, actor_prefix: str | None = None) -> None:
+                 note: Note = print, reference_path: str | None = None, actor_prefix: str | None = None,
+                 wait: bool = True) -> None:
         """``actor_prefix``: workers are named ``<actor_prefix>-rollout-<name>-<i>`` (as the Ray
-        dashboard and state API show them); None leaves them unnamed."""
+        dashboard and state API show them); None leaves them unnamed. ``wait=False`` returns once
+        the actors are created, so other actors can start meanwhile; call :meth:`wait_ready`
+        before using the pool."""
         r = cfg.rollout
         self.name = name
         self.counters = counters
@@ -95,6 +98,13 @@ class RolloutPool:
 
                 actor_cls = ray.remote(RolloutWorker).options(**options)
                 self.workers.append(actor_cls.remote(model_path, r, weight_transfer=self.weight_transfer, **kwargs))
+        self.dtype: str | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every worker's engine is up (``fault_tolerance.actor_timeout_s``); sets
+        :attr:`dtype` (the engines' resolved dtype)."""
         infos = interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
         self.dtype = infos[0]["dtype"]
 

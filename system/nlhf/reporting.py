@@ -22,6 +22,7 @@ from nlhf.hardware import describe as describe_hardware
 from nlhf.seeding import Phase
 
 if TYPE_CHECKING:
+    from nlhf.batch import Rollout
     from nlhf.driver import Iteration
     from nlhf.session import Session
 
@@ -60,11 +61,22 @@ def final_win_rate(s: "Session") -> dict[str, Any] | None:
     x, a, b = comparisons(final, s.state.eval_initial)
     probs, _ = s.judge.compare(x, a, b, training=False)
     report = win_rate_report(probs, len(s.eval_prompts), policy=final, baseline=s.state.eval_initial)
-    flat = [y for g in final for y in g]
-    report["kl_final_to_reference"] = float(np.mean(s.learners.kl_to_reference(flat)))
+    report.update(final_kl_to_reference(s, final))
     report["final_mean_len"] = report.pop("policy_mean_len")
     report["initial_mean_len"] = report.pop("baseline_mean_len")
     return report
+
+
+def final_kl_to_reference(s: "Session", final: list[list[Rollout]]) -> dict[str, float | int]:
+    """Exact KL(pi_final || pi_ref) (nats per response: the per-token KL over the vocabulary,
+    summed over the response) on the first ``data.eval_kl_samples_per_prompt`` of each prompt's
+    final responses ``final`` (prompts x samples): ``kl_final_to_reference`` (mean),
+    ``kl_final_to_reference_se`` (standard error over the responses) and ``kl_samples``."""
+    n = s.cfg.data.eval_kl_samples_per_prompt if s.cfg.data else 1
+    chosen = [y for g in final for y in g[:n]]
+    kl = np.asarray(s.learners.kl_to_reference(chosen), dtype=np.float64)
+    se = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else float("nan")
+    return {"kl_final_to_reference": float(kl.mean()), "kl_final_to_reference_se": se, "kl_samples": len(kl)}
 
 
 def win_probability(s: "Session", k: int, it: "Iteration") -> float:

@@ -9,7 +9,6 @@ the rest is live objects rebuilt at start-up.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -164,7 +163,7 @@ class Session:
         from transformers import AutoTokenizer
 
         from nlhf.models import resolve_model
-        from nlhf.pipeline import JudgeClient, RolloutPool, WeightSync, make_placement_group
+        from nlhf.pipeline import RolloutPool, WeightSync, make_placement_group
         from nlhf.telemetry.metrics import RunLogger
         from nlhf.telemetry.progress import Progress
 
@@ -195,24 +194,33 @@ class Session:
         for name in reap_orphaned_judges(self.state.run_id):
             self.note(f"deleted judge app {name}: its driver is gone")
         self.judge_app = judge_app_name(cfg.run_name, self.state.run_id)
-        ft = cfg.fault_tolerance
-        self.judge = JudgeClient(self._start_judge(), self.state.counters, timeout_s=ft.judge_timeout_s,
-                                 retries=ft.judge_retries, note=self.note)
-        self.note(f"judge service {self.judge_app} up ({cfg.judge.kind}, {cfg.judge.serve.replicas} replica(s))")
+        judge_cfg = self._judge_config()  # trains the judge first when its folder is missing
+        # On CPU the judge service, the learners and both pools start together (start-up is
+        # mostly imports and loading, single-threaded: ~30 s less on 2 cores). On a GPU vLLM
+        # sizes its KV cache from the memory free at start-up, so each role starts alone there.
+        together = cfg.rollout.num_gpus == 0 and cfg.learner.num_gpus == 0
+        if not together:
+            self._start_judge(judge_cfg)
         check_gpu_roles(cfg)  # the GPUs Ray hands out work, before the first GPU actor starts
         self.env = actor_env()
         self.action_ids = action_ids
         prefix = f"{cfg.run_name}-{self.state.run_id}"  # unique per run: two runs on one cluster never collide
         self.pg = make_placement_group(cfg, f"{prefix}-pg")
-        self._start_learners()
+        self._create_learners(wait=not together)
         first = cfg.learner.num_learners
         pools = {}
         for i, name in enumerate(("current", "extrapolated")):
             pools[name] = RolloutPool(name, cfg, self.policy_path, placement_group=self.pg,
                                       first_bundle=first + i * cfg.rollout.num_workers, action_token_ids=action_ids,
                                       env=self.env, counters=self.state.counters, note=self.note,
-                                      reference_path=self.reference_path, actor_prefix=prefix)
+                                      reference_path=self.reference_path, actor_prefix=prefix, wait=not together)
         self.current, self.extrapolated = pools["current"], pools["extrapolated"]
+        if together:
+            self._start_judge(judge_cfg)  # Serve deploys it while the learner and engine actors build
+            self.learners.wait_ready()
+            self.current.wait_ready()
+            self.extrapolated.wait_ready()
+        self._restore_trainer_state()
         self.note(f"rollout engines in {self.current.dtype} (policy.dtype {cfg.policy.dtype}), learner in "
                   f"{self.learners.precision} (learner.precision {cfg.learner.precision}); "
                   f"CPU capability {_cpu_capability()}")
@@ -227,14 +235,23 @@ class Session:
 
     def _start_learners(self) -> None:
         """The learner group from theta_0, or from the resume checkpoint (weights + trainer state)."""
+        self._create_learners(wait=True)
+        self._restore_trainer_state()
+
+    def _create_learners(self, wait: bool) -> None:
+        """The learner actors from theta_0 or the resume checkpoint's weights (``wait``: see
+        :class:`~nlhf.learner.group.LearnerGroup`)."""
         from nlhf.learner.group import LearnerGroup
 
         ckpt = self.last_checkpoint
         policy = str(ckpt.path) if ckpt is not None else self.policy_path
         self.learners = LearnerGroup(self.cfg, policy, self.reference_path, action_token_ids=self.action_ids,
-                                     placement_group=self.pg, env=self.env)
-        if ckpt is not None:
-            self.learners.load_trainer_state(str(ckpt.path / TRAINER_DIR))
+                                     placement_group=self.pg, env=self.env, wait=wait)
+
+    def _restore_trainer_state(self) -> None:
+        """Resuming: the checkpoint's optimiser and scheduler state into the (ready) learners."""
+        if self.last_checkpoint is not None:
+            self.learners.load_trainer_state(str(self.last_checkpoint.path / TRAINER_DIR))
 
     def recover_learners(self) -> None:
         """After a learner death: a new learner group from the last complete checkpoint, the run
@@ -295,9 +312,24 @@ class Session:
             self.prompts.load_state_dict(self.state.sampler)
         return ids
 
-    def _start_judge(self) -> Any:
-        """Train the judge first when its folder is missing, then start the Serve deployment."""
+    def _start_judge(self, j: Any) -> None:
+        """Start the Serve deployment of judge config ``j`` (from :meth:`_judge_config`);
+        sets :attr:`judge`."""
         from nlhf.judge.serve import start_judge_service
+        from nlhf.pipeline import JudgeClient
+
+        cfg, ft = self.cfg, self.cfg.fault_tolerance
+        if self.game is not None:
+            handle = start_judge_service(j, name=self.judge_app, matrix=self.game["P"], actions=self.game["actions"])
+        else:
+            handle = start_judge_service(j, name=self.judge_app)
+        self.judge = JudgeClient(handle, self.state.counters, timeout_s=ft.judge_timeout_s,
+                                 retries=ft.judge_retries, note=self.note)
+        self.note(f"judge service {self.judge_app} up ({cfg.judge.kind}, {cfg.judge.serve.replicas} replica(s))")
+
+    def _judge_config(self) -> Any:
+        """The judge config with its path resolved (hub ids: a snapshot folder), after training
+        the judge when its folder is missing."""
         from nlhf.references import resolve_judge_path
 
         j = self.cfg.judge.model_copy(deep=True)
@@ -310,9 +342,7 @@ class Session:
                           f"continues {j.path}.partial if an earlier run was interrupted)")
                 train_judge(j, reuse_existing=True, note=self.note)
             j.path = resolve_judge_path(j, self.cfg.cache_dir, check_only=False)  # hub ids: a snapshot folder
-        if self.game is not None:
-            return start_judge_service(j, name=self.judge_app, matrix=self.game["P"], actions=self.game["actions"])
-        return start_judge_service(j, name=self.judge_app)
+        return j
 
     def _setup_game_reference(self) -> None:
         """Exact game quantities: pi_ref = the reference restricted to the action tokens, pi*."""

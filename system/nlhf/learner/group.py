@@ -66,7 +66,9 @@ class LearnerGroup:
 
     def __init__(self, cfg: TrainConfig, policy_path: str, reference_path: str,
                  action_token_ids: list[int] | None = None, placement_group: Any = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wait: bool = True) -> None:
+        """``wait=False`` returns once the actors are created (other actors can start
+        meanwhile); call :meth:`wait_ready` before using the group."""
         import ray
 
         lc = cfg.learner
@@ -93,9 +95,17 @@ class LearnerGroup:
                 cfg, policy_path, reference_path, rank=rank, world_size=self.world_size,
                 master_addr=self.master_addr, master_port=self.master_port, action_token_ids=action_token_ids))
         self._closed = False
+        self.precision: str | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every rank is built (model, reference, DeepSpeed engine); sets
+        :attr:`precision` (``learner.precision`` with ``auto`` resolved). On failure the group is
+        shut down and the error re-raised."""
         try:
             self._wait([w.__ray_ready__.remote() for w in self.workers])
-            self.precision: str = self._all("precision")[0]  # learner.precision, ``auto`` resolved
+            self.precision = self._all("precision")[0]
         except BaseException:
             self.shutdown(graceful=False)
             raise
