@@ -105,22 +105,32 @@ def test_separable_loss_steps_skip_the_rescoring_pass(tiny_model_dir, tok, monke
     gradient forward (step 0's is also the scoring pass at theta_k): one model forward fewer per
     micro-batch and step than scoring the batch in a no-grad pass first, and the same theta_{k+1}
     and loss metrics (up to float rounding)."""
+    import nlhf.learner.logprobs as logprobs
     from nlhf.learner.update import UpdateMixin
 
     steps, mbs = 3, 3  # 8 rollouts in micro-batches of 3: 3 micro-batches, the last one short
     rollouts = make_rollouts(tok)
     runs = {}
+    calls, policy = [], []
+    forward = logprobs._response_logits  # one call = one forward of a micro-batch (its prompts shared or not)
+
+    def counting(model, *args, **kw):
+        if policy and getattr(model, "module", model) is policy[0]:
+            calls.append(1)
+        return forward(model, *args, **kw)
+
+    monkeypatch.setattr(logprobs, "_response_logits", counting)
     for fused in (True, False):
         monkeypatch.setattr(UpdateMixin, "_separable_loss", lambda self, f=fused: f, raising=False)
         cfg = make_cfg(algorithm={"name": name, "inner_steps": steps, "beta": 0.5, "clip": 0.2},
                        learner={"micro_batch_size": mbs})
         with learner(cfg, tiny_model_dir) as w:
             batch = batch_for(w, rollouts, PREF)
-            calls = []
-            hook = w.engine.module.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+            calls.clear()
+            policy[:] = [w.engine.module]
             m = w.step(batch) if name == "nash-md-pg" else w.half_step(batch)
-            hook.remove()
             runs[fused] = (len(calls), m, w.gathered_state_dict())
+            policy.clear()
     (n_fused, m_fused, theta_fused), (n_plain, m_plain, theta_plain) = runs[True], runs[False]
     assert n_plain - n_fused == steps * 3
     for k in theta_plain:

@@ -80,8 +80,58 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
+def prompt_groups(rollouts: Sequence[Rollout]) -> list[tuple[int, int, int]] | None:
+    """Runs of consecutive rollouts with the same prompt, as ``(first row, end row, prompt
+    length)``; None when no two consecutive rollouts share their prompt (nothing to share)."""
+    groups: list[tuple[int, int, int]] = []
+    for i, r in enumerate(rollouts):
+        if groups:
+            first = rollouts[groups[-1][0]].prompt_token_ids
+            if r.prompt_token_ids is first or list(r.prompt_token_ids) == list(first):
+                groups[-1] = (groups[-1][0], i + 1, groups[-1][2])
+                continue
+        groups.append((i, i + 1, len(r.prompt_token_ids)))
+    return groups if len(groups) < len(rollouts) else None
+
+
+def _can_share_prompt(decoder: torch.nn.Module) -> bool:
+    """The prompt's key/value cache can carry gradients: not under gradient checkpointing (HF
+    turns the cache off there in training mode)."""
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in decoder.modules())
+
+
+def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                          rows: torch.Tensor, cols: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Last hidden states (M, H) at the positions ``(rows, cols)`` that predict response tokens,
+    computing each group's shared prompt once: a batch-1 forward over the prompt's P tokens
+    (its key/value cache repeated for the group's n responses), then an n-row forward over the
+    response tokens attending to it. The same function of the weights as the full forward of
+    every row (gradients reach the prompt's activations through the cache and the prompt's last
+    hidden state, which predicts every response's first token); the prompt's share of the
+    FLOPs drops from n copies to one."""
+    out = []
+    lengths = attention.sum(-1)
+    for s, e, p in groups:
+        n = e - s
+        end = int(lengths[s:e].max())  # the group's longest prompt + response
+        first = decoder(input_ids=input_ids[s:s + 1, :p], attention_mask=attention[s:s + 1, :p], use_cache=True)
+        h_last = first.last_hidden_state[:, p - 1:p]  # (1, 1, H): predicts each response's first token
+        parts = [h_last.expand(n, 1, h_last.shape[-1])]
+        if end - 1 > p:  # response tokens that predict a later one
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(n)
+            pos = torch.arange(p, end - 1, device=input_ids.device).unsqueeze(0).expand(n, -1)
+            parts.append(decoder(input_ids=input_ids[s:e, p:end - 1], attention_mask=attention[s:e, :end - 1],
+                                 position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state)
+        hidden = torch.cat(parts, dim=1)  # (n, end - p, H): column j is position p - 1 + j
+        sel = (rows >= s) & (rows < e)
+        out.append(hidden[rows[sel] - s, cols[sel] - (p - 1)])
+    return torch.cat(out)
+
+
 def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
-                     mask: torch.Tensor, actions: torch.Tensor | None
+                     mask: torch.Tensor, actions: torch.Tensor | None,
+                     groups: list[tuple[int, int, int]] | None = None
                      ) -> tuple[torch.Tensor, Callable[[int, int], torch.Tensor]]:
     """One forward pass of ``model`` over a micro-batch.
 
@@ -89,15 +139,19 @@ def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention:
     positions that predict a response token (row-major order, so each row's tokens are in
     order), and ``logits_of(s, e)`` gives the logits of positions ``s:e`` as a (e-s, V) tensor,
     or (e-s, A) restricted to ``actions`` in game mode. Where the model splits into decoder and
-    head, the head runs only on the requested positions; otherwise the full (N, T, V) logits
-    of the forward are indexed.
+    head, the head runs only on the requested positions, and with ``groups`` (from
+    :func:`prompt_groups`, rows sharing a prompt) each shared prompt is run once
+    (:func:`_shared_prompt_hidden`); otherwise the full (N, T, V) logits of the forward are indexed.
     """
     rows, cols = mask.nonzero(as_tuple=True)
     split = _decoder_and_head(model)
     if split is not None:
         decoder, head = split
-        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
-        h = hidden[rows, cols]  # (M, H)
+        if groups is not None and _can_share_prompt(decoder):
+            h = _shared_prompt_hidden(decoder, input_ids, attention, rows, cols, groups)  # (M, H)
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]  # (N, T-1, H)
+            h = hidden[rows, cols]  # (M, H)
         weight = getattr(head, "weight", None)
         if actions is not None and isinstance(head, torch.nn.Linear) and weight is not None:
             w_a = weight[actions]  # (A, H): only the action rows of the head
@@ -129,7 +183,8 @@ def _sequence_sums(logits: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, 
 
 
 def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
-                      action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
+                      action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
+                      share_prompts: bool = True) -> torch.Tensor:
     """log pi(y_i | x_i) for every rollout, summed over its response tokens, in nats.
 
     Args:
@@ -142,6 +197,10 @@ def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro
             then be one token from this set, scored as
             ``log_softmax(logits[action_token_ids])[response]`` (softmax restricted to the actions).
         pad_token_id: id written into padding positions (masked out; any valid id works).
+        share_prompts: run a prompt shared by consecutive rollouts of a micro-batch once
+            (:func:`prompt_groups`; the same values up to float rounding, fewer FLOPs). Off,
+            or where the model does not split into decoder and head (ZeRO-3) or checkpoints
+            its activations, every row runs its whole sequence.
 
     Returns:
         Tensor of shape (B,), float32, on the model's device. Log-softmax is taken in float32
@@ -160,7 +219,8 @@ def sequence_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], micro
     for start in range(0, len(rollouts), micro_batch_size):
         chunk = rollouts[start:start + micro_batch_size]
         input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
-        rows, logits_of = _response_logits(model, input_ids, attention, mask, actions)
+        groups = prompt_groups(chunk) if share_prompts else None
+        rows, logits_of = _response_logits(model, input_ids, attention, mask, actions, groups)
         out.append(_sequence_sums(logits_of(0, len(rows)).float(), _target_index(targets[mask], actions), rows,
                                   len(chunk)))
     if not out:
@@ -210,7 +270,7 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
                          action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
                          reference: torch.nn.Module | None = None, chunk_tokens: int = 64,
                          reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                         grad: bool = False) -> Iterator[MicroScores]:
+                         grad: bool = False, share_prompts: bool = True) -> Iterator[MicroScores]:
     """The scoring pass of :func:`score_rollouts`, one micro-batch at a time.
 
     With ``grad=True`` the policy forward keeps its autograd graph and each item's
@@ -218,6 +278,7 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
     micro-batch, so one micro-batch's activations are alive at a time); the reference forward and
     the per-token reductions never record a graph. The detached values are those of a no-grad
     pass at the same weights (same forward; the model's train/eval mode is the caller's).
+    ``share_prompts``: as :func:`sequence_logprobs` (for the policy and the reference forward).
 
     Yields:
         :class:`MicroScores` per micro-batch of ``micro_batch_size`` rollouts, in order.
@@ -238,9 +299,10 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
         n = len(chunk)
         input_ids, attention, targets, mask = _micro_batch_inputs(chunk, pad_token_id, device)
         tgt = _target_index(targets[mask], actions)
+        groups = prompt_groups(chunk) if share_prompts else None
         logp_grad = None
         with torch.set_grad_enabled(grad):
-            rows, pol_of = _response_logits(model, input_ids, attention, mask, actions)
+            rows, pol_of = _response_logits(model, input_ids, attention, mask, actions, groups)
             if grad:  # the differentiable sum, as sequence_logprobs computes it
                 logits = pol_of(0, len(rows)).float()  # (M, V) or (M, A)
                 logp_grad = _sequence_sums(logits, tgt, rows, n)
@@ -252,7 +314,8 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
                 with in_ref():
                     _, ref_inner = _response_logits(reference, input_ids.to(_device_of(reference)),
                                                     attention.to(_device_of(reference)), mask.to(_device_of(reference)),
-                                                    None if actions is None else actions.to(_device_of(reference)))
+                                                    None if actions is None else actions.to(_device_of(reference)),
+                                                    groups)
 
                 def ref_of(s: int, e: int, _inner=ref_inner) -> torch.Tensor:
                     with in_ref():
@@ -284,7 +347,8 @@ def scored_micro_batches(model: torch.nn.Module, rollouts: Sequence[Rollout], mi
 def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_batch_size: int,
                    action_token_ids: Sequence[int] | None = None, pad_token_id: int = 0,
                    reference: torch.nn.Module | None = None, chunk_tokens: int = 64,
-                   reference_context: Callable[[], contextlib.AbstractContextManager] | None = None) -> Scores:
+                   reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   share_prompts: bool = True) -> Scores:
     """No-grad scoring pass: sequence and per-token log-probs under ``model`` and, when
     ``reference`` is given, ``log pi_ref`` and the exact per-token KL(pi || pi_ref), fused in one
     micro-batch loop (each micro-batch runs both forwards, then both sets of logits are reduced
@@ -302,6 +366,7 @@ def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_ba
             (forward and output head), e.g. ``peft_model.disable_adapter`` when the reference is
             the policy's own base model with its LoRA adapter disabled (``reference`` is then
             the policy module itself). None: no context.
+        share_prompts: as :func:`sequence_logprobs`.
 
     Returns:
         :class:`Scores`.
@@ -311,7 +376,7 @@ def score_rollouts(model: torch.nn.Module, rollouts: Sequence[Rollout], micro_ba
     """
     device = next(iter(model.parameters())).device
     parts = list(scored_micro_batches(model, rollouts, micro_batch_size, action_token_ids, pad_token_id,
-                                      reference, chunk_tokens, reference_context))
+                                      reference, chunk_tokens, reference_context, share_prompts=share_prompts))
     cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, device=device))
     tokens = [t for p in parts for t in p.token_logp]
     if reference is None:
