@@ -297,11 +297,19 @@ def test_bf16_base_keeps_an_fp32_adapter_and_exports_merged_fp32(tiny_model_dir,
         assert dtypes == {True: torch.float32, False: torch.bfloat16}
         _iterate(w, rollouts)
         ref = torch.tensor(w.sequence_logprobs(rollouts, "reference"))
+        policy = torch.tensor(w.sequence_logprobs(rollouts, "policy"))
         named = dict(w.engine.module.named_parameters())
         a = named["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].detach().clone()
         b = named["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].detach().clone()
         sd = load(w.state_dict_bytes("float32"))
-    torch.testing.assert_close(ref, naive_logprobs(base16, rollouts), atol=1e-5, rtol=1e-5)
+    # bf16 forwards of the same weights agree only to bf16 rounding once the kernels differ: the
+    # learner batches with padding and a shared-prompt KV cache, naive_logprobs runs one sequence
+    # at a time. Without native bf16 (AVX2) the two differed by 2e-3 nats (of 11-43); with AVX-512
+    # bf16 they matched to 1e-5. The trained adapter moves sequences by up to 0.7-1.0 nats, so the
+    # tolerance still tells the base model from the adapted one (checked on the policy).
+    naive = naive_logprobs(base16, rollouts)
+    assert not torch.allclose(policy, naive, atol=1e-2, rtol=1e-4), (policy - naive).tolist()
+    torch.testing.assert_close(ref, naive, atol=1e-2, rtol=1e-4)
     w16 = base16.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     want = w16.float() + (LORA["alpha"] / LORA["rank"]) * (b @ a)
     torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], want, atol=1e-6, rtol=1e-6)
