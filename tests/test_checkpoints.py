@@ -97,3 +97,51 @@ def test_prune_keeps_the_newest_and_final(tmp_path: Path) -> None:
     assert sorted(p.name for p in removed) == ["iter_00002", "iter_00004"]
     assert sorted(p.name for p in root.iterdir()) == ["final", "iter_00006", "iter_00008"]
     assert latest_checkpoint(root).path.name == "final"  # final wins the tie at iteration 8
+
+
+@pytest.mark.parametrize("resume, overwrite", [(True, False), (False, True)])
+def test_a_run_refused_for_a_held_folder_deletes_nothing_of_it(tmp_path: Path, resume: bool, overwrite: bool) -> None:
+    """A second ``nlhf train`` into a folder another run holds is refused before it touches the
+    folder: ``--resume`` used to clean the holder's checkpoint being written (``.tmp-*``) first, and
+    ``--overwrite`` to delete the holder's files, before the lock said no."""
+    from types import SimpleNamespace
+
+    from nlhf.checkpoints import RunFolderLock
+    from nlhf.config import ConfigError
+    from nlhf.session import prepare_run_folder
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    write_checkpoint(root, "iter_00002", 2, _fill(b"a" * 10))
+    being_written = root / ".tmp-iter_00004-12345"
+    being_written.mkdir()
+    (being_written / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    holder = RunFolderLock(out).acquire()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    try:
+        cfg = SimpleNamespace(output_dir=str(out), resume=resume)
+        with pytest.raises(ConfigError, match="in use by another nlhf run"):
+            prepare_run_folder(cfg, RunFolderLock(out), overwrite=overwrite)
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    finally:
+        holder.release()
+    # once the folder is free, the same call resumes (cleaning the stale partial) or overwrites
+    lock = RunFolderLock(out)
+    got = prepare_run_folder(SimpleNamespace(output_dir=str(out), resume=resume), lock, overwrite=overwrite)
+    lock.release()
+    assert not being_written.exists()
+    assert (got.iteration == 2) if resume else (got is None and not root.exists())
+
+
+def test_a_refused_resume_into_a_new_folder_leaves_no_folder(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from nlhf.checkpoints import RunFolderLock
+    from nlhf.config import ConfigError
+    from nlhf.session import prepare_run_folder
+
+    out = tmp_path / "new-run"
+    with pytest.raises(ConfigError, match="resume: .* no complete checkpoint"):
+        prepare_run_folder(SimpleNamespace(output_dir=str(out), resume=True), RunFolderLock(out), overwrite=False)
+    assert not out.exists()

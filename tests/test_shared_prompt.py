@@ -64,9 +64,10 @@ def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, tok, micr
     params = [p for p in model.parameters() if p.requires_grad]
     g_full = torch.autograd.grad(full.sum(), params, allow_unused=True)
     g_shared = torch.autograd.grad(shared.sum(), params, allow_unused=True)
+    # fp32 sums in another order: one element in 3.1M once differed by 1.1e-6 (of 5e-4) on an AVX2 CPU
     for a, b in zip(g_full, g_shared):
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
     s_full = score_rollouts(model, rs, micro_batch_size, reference=reference, share_prompts=False)
     s_shared = score_rollouts(model, rs, micro_batch_size, reference=reference)

@@ -78,17 +78,33 @@ def pick_action_tokens(tokenizer: Any, n: int) -> tuple[list[int], list[str]]:
     raise ValueError(f"game.n: at most {len(ids)} single-token actions are available, got {n}")
 
 
-def prepare_run_folder(cfg: TrainConfig, *, overwrite: bool) -> Checkpoint | None:
-    """Decide what ``output_dir`` is for: a fresh run (empty or new folder), a resume (returns the
-    newest complete checkpoint), or an overwrite (``overwrite``: the old contents are deleted).
+def prepare_run_folder(cfg: TrainConfig, lock: RunFolderLock, *, overwrite: bool) -> Checkpoint | None:
+    """Lock ``output_dir`` (``lock``, held until the caller releases it), then decide what it is
+    for: a fresh run (empty or new folder), a resume (returns the newest complete checkpoint), or an
+    overwrite (``overwrite``: the old contents are deleted). The lock is taken before the folder is
+    touched, so a run refused because another one holds the folder deletes nothing of it (not the
+    other run's checkpoint being written, not its files under ``--overwrite``). A folder this call
+    created is removed again when it raises.
 
     Raises:
-        ConfigError: a non-empty folder without ``resume`` or ``--overwrite``; ``resume`` with no
-            complete checkpoint; ``output_dir`` a file.
+        ConfigError: another run holds the folder; a non-empty folder without ``resume`` or
+            ``--overwrite``; ``resume`` with no complete checkpoint; ``output_dir`` a file.
     """
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {cfg.output_dir} is a file, not a folder")
+    created = not out.exists()
+    lock.acquire()
+    try:
+        return _prepare_locked_folder(cfg, out, overwrite=overwrite)
+    except BaseException:
+        lock.release()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_locked_folder(cfg: TrainConfig, out: Path, *, overwrite: bool) -> Checkpoint | None:
     contents = [p for p in out.iterdir() if p.name not in _IGNORED_IN_EMPTY] if out.is_dir() else []
     if cfg.resume:
         clean_partial(out / "checkpoints")
@@ -168,8 +184,7 @@ class Session:
         from nlhf.telemetry.progress import Progress
 
         cfg = self.cfg
-        self.resumed_from = prepare_run_folder(cfg, overwrite=overwrite)
-        self.lock.acquire()
+        self.resumed_from = prepare_run_folder(cfg, self.lock, overwrite=overwrite)
         if self.resumed_from is not None:
             self.state = RunState.load(self.resumed_from.path)
             self.last_checkpoint = self.resumed_from
