@@ -58,13 +58,13 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
             assert key in m, key
         assert 0.0 <= m["charts/win_prob"] <= 1.0
         assert m["perf/tokens_per_s_current"] > 0 and m["perf/tokens_per_s_extrapolated"] > 0
-    # Training queries, per iteration (the config's 4 prompts x 4 responses, 3 opponents each; a
+    # Training queries, per iteration (the config's 4 prompts x 4 responses, opponents "all"; a
     # tiny random policy never repeats an 8-token response, so no pair is identical): the
     # half-step's self-play pairs are the 6 unordered sibling pairs per prompt (24), the full step
-    # judges each of the 16 responses against 3 of the other pool's (48). The win-probability
+    # judges each of the 16 responses against all 4 of the other pool's (64). The win-probability
     # calls (one per prompt) are evaluation queries and are counted apart.
     assert [m["charts/identical_fraction"] for m in lines] == [0.0, 0.0]
-    assert [m["charts/queries"] for m in lines] == [72, 144]
+    assert [m["charts/queries"] for m in lines] == [88, 176]
     assert [m["charts/eval_queries"] for m in lines] == [4, 8]
     assert lines[1]["charts/kl_ref"] != 0.0  # the policy moved away from the reference
 

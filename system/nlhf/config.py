@@ -126,6 +126,8 @@ class AlgorithmConfig(Strict):
     ``opponents_per_response``: each response is judged against this many independent opponents
     (other responses of the prompt), and the loss reads the mean preference: a lower-variance
     estimate of P(y > opponent policy) for the same rollouts (online IPO: always 1, its partner).
+    ``"all"``: in each step, every opponent its pairing allows (Nash-MP: the R - 1 other
+    responses of pi_k in the half step, all R responses of pi_{k+1/2} in the full step).
     """
 
     name: Literal["nash-mp", "online-ipo", "omd", "egpo", "nash-md-pg"] = "nash-mp"
@@ -137,7 +139,7 @@ class AlgorithmConfig(Strict):
     inner_steps: int = Field(4, ge=1)
     clip: float | None = Field(0.2, gt=0)
     mixture: float = Field(0.5, ge=0, le=1)
-    opponents_per_response: int = Field(1, ge=1)
+    opponents_per_response: Annotated[int, Field(ge=1)] | Literal["all"] = 1
     engine_is_cap: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")

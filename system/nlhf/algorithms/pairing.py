@@ -81,10 +81,21 @@ def _check_shape(groups: int, responses: int) -> None:
         raise ValueError(f"responses per prompt must be >= 2, got {responses}")
 
 
-def _check_count(opponents: int, most: int, what: str, responses: int) -> None:
-    if not 1 <= opponents <= most:
+Opponents = int | Literal["all"]
+
+
+def _count(opponents: Opponents, most: int, what: str, responses: int) -> int:
+    """``opponents`` as a number: ``"all"`` is ``most``, the most this pairing allows.
+
+    Raises:
+        ValueError: a number outside [1, most].
+    """
+    if opponents == "all":
+        return most
+    if not isinstance(opponents, int) or isinstance(opponents, bool) or not 1 <= opponents <= most:
         raise ValueError(f"{what}: opponents per response must be in [1, {most}] with {responses} responses "
-                         f"per prompt, got {opponents}")
+                         f"per prompt, got {opponents!r}")
+    return opponents
 
 
 def regression_partner(groups: int, responses: int) -> list[int]:
@@ -99,7 +110,7 @@ def regression_partner(groups: int, responses: int) -> list[int]:
     return [g * responses + (r ^ 1) for g in range(groups) for r in range(responses)]
 
 
-def self_play(groups: int, responses: int, *, with_partner: bool, opponents: int = 1) -> Pairing:
+def self_play(groups: int, responses: int, *, with_partner: bool, opponents: Opponents = 1) -> Pairing:
     """Opponents from the same batch (responses of the same policy to the same prompt).
 
     ``with_partner=False`` (policy-gradient losses): response r is judged against the next
@@ -107,6 +118,7 @@ def self_play(groups: int, responses: int, *, with_partner: bool, opponents: int
     ``with_partner=True`` (regression-type losses): partner ``r ^ 1``; both members of the pair
     ``(2m, 2m+1)`` are judged against the same ``opponents`` responses outside the pair,
     ``2m + 2, 2m + 3, ... mod R`` (EGPO's shared y''); needs R even and >= 4, at most R - 2.
+    ``opponents="all"``: the most allowed (R - 1, or R - 2 with partners).
 
     Raises:
         ValueError: R too small (or odd) for independent opponents, or too many opponents.
@@ -114,25 +126,26 @@ def self_play(groups: int, responses: int, *, with_partner: bool, opponents: int
     _check_shape(groups, responses)
     R = responses
     if not with_partner:
-        _check_count(opponents, R - 1, "self-play", R)
-        return Pairing([[g * R + (r + j) % R for j in range(1, opponents + 1)] for g in range(groups) for r in range(R)],
+        n = _count(opponents, R - 1, "self-play", R)
+        return Pairing([[g * R + (r + j) % R for j in range(1, n + 1)] for g in range(groups) for r in range(R)],
                        [], "same")
     if R < 4 or R % 2:
         raise ValueError(f"a pair-regression step judged against its own batch needs an even number >= 4 of "
                          f"responses per prompt (partner and opponents independent), got {R}")
-    _check_count(opponents, R - 2, "self-play with pair partners", R)
-    opp = [[g * R + (2 * (r // 2) + 2 + j) % R for j in range(opponents)] for g in range(groups) for r in range(R)]
+    n = _count(opponents, R - 2, "self-play with pair partners", R)
+    opp = [[g * R + (2 * (r // 2) + 2 + j) % R for j in range(n)] for g in range(groups) for r in range(R)]
     return Pairing(opp, regression_partner(groups, R), "same")
 
 
-def against_other_pool(groups: int, responses: int, *, with_partner: bool, opponents: int = 1) -> Pairing:
+def against_other_pool(groups: int, responses: int, *, with_partner: bool, opponents: Opponents = 1) -> Pairing:
     """Opponents from another pool's batch of the same shape (independent of this batch):
     response r of prompt g is judged against that pool's responses ``r, r + 1, ... mod R`` of
-    prompt g (``opponents`` of them, at most R). Partners, when asked for, are ``r ^ 1`` (R even)."""
+    prompt g (``opponents`` of them, at most R; ``"all"``: all R). Partners, when asked for, are
+    ``r ^ 1`` (R even)."""
     _check_shape(groups, responses)
     R = responses
-    _check_count(opponents, R, "opponents from the other pool", R)
-    opp = [[g * R + (r + j) % R for j in range(opponents)] for g in range(groups) for r in range(R)]
+    n = _count(opponents, R, "opponents from the other pool", R)
+    opp = [[g * R + (r + j) % R for j in range(n)] for g in range(groups) for r in range(R)]
     return Pairing(opp, regression_partner(groups, R) if with_partner else [], "other")
 
 
@@ -153,7 +166,7 @@ def max_opponents(algorithm: str, estimator: str, responses: int) -> int:
     return responses - 1  # self-play pg (nash-mp half-step); cross-pool steps allow R, the tighter bound wins
 
 
-def check_responses_per_prompt(algorithm: str, estimator: str, responses: int, opponents: int = 1) -> None:
+def check_responses_per_prompt(algorithm: str, estimator: str, responses: int, opponents: Opponents = 1) -> None:
     """Refuse a ``responses_per_prompt`` (and ``opponents_per_response``) the algorithm cannot
     pair independently.
 
@@ -168,7 +181,7 @@ def check_responses_per_prompt(algorithm: str, estimator: str, responses: int, o
         raise ValueError(f"{what} needs an even responses_per_prompt >= 4 (pair partner and judged opponents "
                          f"must be independent responses), got {responses}")
     most = max_opponents(algorithm, estimator, responses)
-    if not 1 <= opponents <= most:
+    if opponents != "all" and not 1 <= opponents <= most:
         raise ValueError(f"algorithm.opponents_per_response: {opponents} is not in [1, {most}] for {algorithm} "
                          f"with {responses} responses per prompt")
 
