@@ -169,3 +169,49 @@ def test_file_payload_equals_object_store_payload(tmp_path):
     with pytest.raises(ValueError, match="duplicate"):  # a failed write leaves the old file whole
         write_safetensors_file(path, named + [("a", torch.zeros(1))])
     assert dict(iter_weight_file(path)).keys() == got.keys() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_file_sync_overwrites_the_spare_in_place_and_the_engine_keeps_what_it_loaded(setup, tiny_model_dir, tmp_path):
+    """The spare (the version before the loaded one) is overwritten in place by the next write:
+    same inode, same bytes as a fresh file, and the engine's weights (loaded from the newer
+    file) do not change while the spare's pages are rewritten."""
+    from nlhf.sync.files import retire_weight_files, spare_weight_file_path, weight_file_path
+    from nlhf.sync.writer import safetensors_bytes, write_safetensors_file
+
+    worker, _, ids = setup
+    models = [reseeded_model(tiny_model_dir, seed=s) for s in (11, 12, 13)]
+    named = [[(k, v) for k, v in m.state_dict().items() if k != "lm_head.weight"] for m in models]
+    spare = spare_weight_file_path(tmp_path, "current")
+    paths = [weight_file_path(tmp_path, "current", v) for v in (1, 2, 3)]
+    for v in (0, 1):
+        write_safetensors_file(paths[v], named[v], cast_to=torch.float32, reuse=spare)  # no spare yet: new files
+        worker.update_weights(str(paths[v]), version=v + 1)
+        retire_weight_files(tmp_path, "current", keep=paths[v])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([paths[1].name, spare.name])
+    inode = spare.stat().st_ino
+    want_v2 = hf_greedy(models[1], ids)
+    assert _greedy_ids(worker, ids) == want_v2
+
+    size = write_safetensors_file(paths[2], named[2], cast_to=torch.float32, reuse=spare)
+    assert paths[2].stat().st_ino == inode and not spare.exists()  # the spare's pages, rewritten
+    assert paths[2].read_bytes() == safetensors_bytes(named[2], cast_to=torch.float32) and paths[2].stat().st_size == size
+    assert _greedy_ids(worker, ids) == want_v2  # the engine holds nothing of the file it loaded before
+    worker.update_weights(str(paths[2]), version=3)
+    assert _greedy_ids(worker, ids) == hf_greedy(models[2], ids)
+    retire_weight_files(tmp_path, "current", keep=paths[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([paths[2].name, spare.name])
+
+
+def test_recycled_weight_file_is_cut_to_the_new_size(tmp_path):
+    from nlhf.sync.files import iter_weight_file, remove_stale_weight_files, spare_weight_file_path
+    from nlhf.sync.writer import safetensors_bytes, write_safetensors_file
+
+    spare = spare_weight_file_path(tmp_path, "current")
+    spare.write_bytes(b"x" * 100_000)  # a larger older version
+    small = [("a", torch.randn(3, 5)), ("b", torch.arange(7))]
+    path = tmp_path / "current-v000002.safetensors"
+    write_safetensors_file(path, small, cast_to=torch.bfloat16, reuse=spare)
+    assert path.read_bytes() == safetensors_bytes(small, cast_to=torch.bfloat16)
+    assert dict(iter_weight_file(path)).keys() == {"a", "b"} and not spare.exists()
+    spare.write_bytes(b"y")
+    assert remove_stale_weight_files(tmp_path, "current") == 2 and not list(tmp_path.iterdir())

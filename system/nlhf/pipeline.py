@@ -369,9 +369,9 @@ class WeightSync:
         else:
             results = pool.load_weights(self.payload(pool_name, version), version)
             if self.cfg.sync.backend == "file":
-                from nlhf.sync.files import remove_stale_weight_files
+                from nlhf.sync.files import retire_weight_files
 
-                remove_stale_weight_files(self.folder, pool_name, keep=Path(pool.payload))
+                retire_weight_files(self.folder, pool_name, keep=Path(pool.payload))
         self.versions[pool_name] = version
         dt = time.perf_counter() - t0
         nbytes = float(max((r.get("bytes", 0) for r in results), default=0))
@@ -386,10 +386,11 @@ class WeightSync:
         for ``version`` (``file``). Not for pools with a vLLM transfer group."""
         pool = self.pools[pool_name]
         if self.cfg.sync.backend == "file":
-            from nlhf.sync.files import weight_file_path
+            from nlhf.sync.files import spare_weight_file_path, weight_file_path
 
             path = weight_file_path(self.folder, pool_name, version)
-            return self.learners.state_dict_file(pool.dtype, str(path))["path"]
+            spare = spare_weight_file_path(self.folder, pool_name)
+            return self.learners.state_dict_file(pool.dtype, str(path), reuse=str(spare))["path"]
         return self.learners.state_dict_ref(pool.dtype)
 
     def remove_files(self) -> None:

@@ -100,11 +100,12 @@ class ExportMixin:
         return self._export(dtype, lambda target: safetensors_bytes(self._named_weights, cast_to=target,
                                                                     metadata={"format": "pt"}))
 
-    def state_dict_file(self, dtype: str, path: str) -> dict | None:
+    def state_dict_file(self, dtype: str, path: str, reuse: str | None = None) -> dict | None:
         """Like :meth:`state_dict_bytes`, but rank 0 writes the safetensors file ``path``
-        (atomically, :func:`write_safetensors_file`) instead of returning bytes: the
-        ``sync.backend: file`` transport, for engines on this node. Nothing of the payload stays
-        in this process's memory (neither a buffer nor Ray object-store pages). Collective.
+        (atomically, :func:`write_safetensors_file`; over the spare file ``reuse`` in place
+        where it exists) instead of returning bytes: the ``sync.backend: file`` transport, for
+        engines on this node. Nothing of the payload stays in this process's memory (neither a
+        buffer nor Ray object-store pages). Collective.
 
         Returns:
             Rank 0: ``{"path": path, "bytes": file size}``; other ranks None.
@@ -113,7 +114,7 @@ class ExportMixin:
             ValueError: an unknown ``dtype``. OSError: ``path`` cannot be written.
         """
         size = self._export(dtype, lambda target: write_safetensors_file(path, self._named_weights, cast_to=target,
-                                                                         metadata={"format": "pt"}))
+                                                                         metadata={"format": "pt"}, reuse=reuse))
         return None if size is None else {"path": str(path), "bytes": size}
 
     def _export(self, dtype: str, write):

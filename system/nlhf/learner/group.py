@@ -166,11 +166,11 @@ class LearnerGroup:
                 ray.get(done)
         return refs[0]
 
-    def state_dict_file(self, dtype: str, path: str) -> dict:
+    def state_dict_file(self, dtype: str, path: str, reuse: str | None = None) -> dict:
         """Rank 0 writes the gathered policy weights, cast to the engines' ``dtype``, as the
-        safetensors file ``path`` on its node (``sync.backend: file``); returns
-        ``{"path", "bytes"}``. Collective."""
-        return self._all("state_dict_file", dtype, str(path))[0]
+        safetensors file ``path`` on its node (``sync.backend: file``), overwriting the spare
+        file ``reuse`` in place where it exists; returns ``{"path", "bytes"}``. Collective."""
+        return self._all("state_dict_file", dtype, str(path), reuse)[0]
 
     def save_checkpoint(self, path: str) -> None:
         """HF checkpoint of the policy at ``path`` (written by rank 0; see :meth:`LearnerWorker.save_checkpoint`)."""

@@ -10,8 +10,10 @@ streams tensor by tensor (:func:`nlhf.sync.writer.write_safetensors_file`), and 
 maps it only while it loads. The engine process opens the file itself, so the bytes do not pass
 through the rollout actor and vLLM's RPC either.
 
-Each pool keeps its newest file (the one a restarted engine is re-pushed from); older versions are
-deleted once every engine has loaded the new one. Across nodes, use ``object_store`` or ``nccl``:
+Each pool keeps its newest file (the one a restarted engine is re-pushed from); once every engine
+has loaded a new version, the previous one becomes the pool's spare (``{pool}-spare.safetensors``)
+and older ones are deleted; the next write overwrites the spare in place instead of a new file
+(:func:`nlhf.sync.writer.write_safetensors_file`, ``reuse``). Across nodes, use ``object_store`` or ``nccl``:
 a reader that cannot see the file raises :class:`WeightFileMissingError`.
 """
 
@@ -45,15 +47,43 @@ def weight_file_path(folder: str | Path, pool: str, version: int) -> Path:
     return Path(folder) / f"{pool}-v{int(version):06d}{SUFFIX}"
 
 
-def remove_stale_weight_files(folder: str | Path, pool: str, keep: Path | None = None) -> int:
+def spare_weight_file_path(folder: str | Path, pool: str) -> Path:
+    """The pool's spare weight file, an older version kept for the next write to overwrite in
+    place: ``folder/{pool}-spare.safetensors``.
+
+    Raises:
+        ValueError: as :func:`weight_file_path`.
+    """
+    weight_file_path(folder, pool, 1)  # checks the pool name
+    return Path(folder) / f"{pool}-spare{SUFFIX}"
+
+
+def retire_weight_files(folder: str | Path, pool: str, keep: Path) -> int:
+    """Once every engine of ``pool`` has loaded ``keep``: the newest older version becomes the
+    pool's spare (:func:`spare_weight_file_path`, replacing an earlier spare), every other weight
+    file of the pool but ``keep`` is deleted; returns how many files were deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    spare = spare_weight_file_path(folder, pool)
+    older = sorted(p for p in folder.glob(f"{pool}-v*{SUFFIX}") if p.name != Path(keep).name)
+    if older:
+        os.replace(older[-1], spare)
+    return remove_stale_weight_files(folder, pool, keep=Path(keep), spare=False)
+
+
+def remove_stale_weight_files(folder: str | Path, pool: str, keep: Path | None = None, *, spare: bool = True) -> int:
     """Delete the weight files of ``pool`` in ``folder`` other than ``keep`` (older versions, or a
-    leftover ``.tmp`` of an interrupted write; all of them when ``keep`` is None); returns how many
-    were removed (a file already gone is skipped)."""
+    leftover ``.tmp`` of an interrupted write; all of them when ``keep`` is None), and the pool's
+    spare unless ``spare=False``; returns how many were removed (a file already gone is skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    for p in folder.glob(f"{pool}-v*{SUFFIX}*"):
+    found = list(folder.glob(f"{pool}-v*{SUFFIX}*"))
+    if spare:
+        found += [p for p in [spare_weight_file_path(folder, pool)] if p.exists()]
+    for p in found:
         if keep is not None and p.name == Path(keep).name:
             continue
         try:
