@@ -43,3 +43,34 @@ def test_aten_capability_capped_at_avx2_means_fp32():
             "print(torch.backends.cpu.get_cpu_capability(), hardware.cpu_has_native_bf16())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["AVX2", "False"]
+
+
+# A step's worth of large buffers freed and re-allocated, as a training step does; prints the
+# minor page faults of the last 5 rounds.
+_FAULTS = """
+import resource, sys, torch
+from nlhf.hardware import retain_freed_memory
+if sys.argv[1] == "1":
+    assert retain_freed_memory()
+def round_():
+    xs = [torch.ones(10 * 2**20 + i * 2**18) for i in range(4)]  # 40-43 MiB each (above glibc's mmap threshold), touched
+    return sum(float(x[-1]) for x in xs)
+round_()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    round_()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_retained_freed_memory_is_reused_without_page_faults():
+    def faults(retain: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, retain], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    default, retained = faults("0"), faults("1")
+    # 5 rounds x 167 MiB of fresh pages by default (~215,000 faults of 4 KiB); retained, the heap's
+    # own pages come back (measured ~40,000: 6x fewer)
+    assert default > 150_000, default
+    assert retained < default / 3, (default, retained)

@@ -7,6 +7,7 @@ hardware has it natively: CUDA compute capability >= 8.0, or a CPU with AVX512_B
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 Dtype = Literal["float32", "bfloat16"]
@@ -112,3 +113,36 @@ def describe() -> dict[str, object]:
     if torch.cuda.is_available():
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in this process instead of handing it back to the
+    kernel: ``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the heap, not from ``mmap``,
+    so freeing them is not a ``munmap``) and ``mallopt(M_TRIM_THRESHOLD, INT_MAX)`` (the heap's
+    free top is never trimmed). A training step frees and re-allocates the same activation and
+    gradient buffers every micro-batch; by default each of those re-allocations comes back as
+    fresh pages, one minor fault per 4 KiB page (~200,000 faults per SmolLM2-135M fp32
+    forward+backward of 4 x 112 tokens on the 2-core VM, 0.5-0.9 s of kernel time). Measured
+    there (CPU capability AVX512, one process, 4 steps each): fp32 2.51-2.97 -> 2.25-2.33 s per
+    step, bf16 0.85 -> 0.77 s; peak RSS +0.3 GB (2.62 -> 2.93 GB, memory no longer returned
+    between steps). Call it before the model is built; affects this process only.
+
+    Returns:
+        True where it took effect (Linux with glibc), False elsewhere (no glibc: nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -147,6 +147,12 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         # Intra-op threads: as many as the CPUs this learner reserved. More threads than cores
         # (the default is every core of the machine) made a step up to 25x slower on a shared CPU.
         torch.set_num_threads(lc.torch_threads or max(1, int(lc.num_cpus)))
+        if not use_gpu and lc.retain_freed_memory:
+            from nlhf.hardware import retain_freed_memory
+
+            self.retains_freed_memory = retain_freed_memory()
+        else:
+            self.retains_freed_memory = False
         self._owns_process_group = not dist.is_initialized()  # else: someone else's (e.g. an in-process vLLM)
         if self._owns_process_group:
             dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
