@@ -56,6 +56,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _glibc_defaults_in_the_test_process():
+    """In-process learners leave glibc's malloc as it is in *this* process: its memory tests
+    (tests/test_memory_watch.py) measure this process's own resident set, which memory retained
+    by ``nlhf.hardware.retain_freed_memory`` would hide. Learners in Ray actors and subprocesses
+    still apply it; tests/test_hardware.py checks the function itself in a subprocess."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("nlhf.hardware.retain_freed_memory", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster (2 CPUs, no dashboard) for one test module, shut down after it."""
