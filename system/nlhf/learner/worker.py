@@ -150,9 +150,7 @@ class LearnerWorker(UpdateMixin, ExportMixin):
         if not use_gpu and lc.retain_freed_memory:
             from nlhf.hardware import retain_freed_memory
 
-            self.retains_freed_memory = retain_freed_memory()
-        else:
-            self.retains_freed_memory = False
+            retain_freed_memory()
         self._owns_process_group = not dist.is_initialized()  # else: someone else's (e.g. an in-process vLLM)
         if self._owns_process_group:
             dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",

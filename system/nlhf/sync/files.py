@@ -34,14 +34,18 @@ class WeightFileMissingError(FileNotFoundError):
     learner, or the file was removed)."""
 
 
+def _check_pool(pool: str) -> None:
+    if not pool or os.sep in pool or (os.altsep and os.altsep in pool):
+        raise ValueError(f"pool name must be a plain file name, got {pool!r}")
+
+
 def weight_file_path(folder: str | Path, pool: str, version: int) -> Path:
     """Where learner rank 0 writes weight ``version`` of ``pool``: ``folder/{pool}-v{version:06d}.safetensors``.
 
     Raises:
         ValueError: an empty pool name, one with a path separator, or a version below 1.
     """
-    if not pool or os.sep in pool or (os.altsep and os.altsep in pool):
-        raise ValueError(f"pool name must be a plain file name, got {pool!r}")
+    _check_pool(pool)
     if int(version) < 1:
         raise ValueError(f"weight version must be >= 1, got {version}")
     return Path(folder) / f"{pool}-v{int(version):06d}{SUFFIX}"
@@ -52,9 +56,9 @@ def spare_weight_file_path(folder: str | Path, pool: str) -> Path:
     place: ``folder/{pool}-spare.safetensors``.
 
     Raises:
-        ValueError: as :func:`weight_file_path`.
+        ValueError: an empty pool name or one with a path separator.
     """
-    weight_file_path(folder, pool, 1)  # checks the pool name
+    _check_pool(pool)
     return Path(folder) / f"{pool}-spare{SUFFIX}"
 
 
