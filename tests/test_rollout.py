@@ -156,3 +156,31 @@ def test_game_mode_one_restricted_token_with_renormalised_logprob(peaked, cache_
         game.shutdown()
     with pytest.raises(ValueError):
         RolloutWorker(str(path), RolloutConfig(), pool="x", action_token_ids=[5, 5])
+
+
+class _EngineNotBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_engine_process_retains_freed_memory_before_the_engine_is_built(monkeypatch, peaked, cache_dir, retain):
+    """``rollout.retain_freed_memory`` (CPU): the engine's process keeps freed memory
+    (nlhf.hardware.retain_freed_memory) before vLLM builds the engine, so each weight push
+    re-allocates the weights from pages the process already owns; false leaves glibc's defaults."""
+    import vllm
+
+    from nlhf.config import RolloutConfig
+    from nlhf.rollout.worker import RolloutWorker
+
+    calls = []
+    monkeypatch.setattr("nlhf.hardware.retain_freed_memory", lambda: calls.append("mallopt") or True)
+
+    def engine(**kwargs):
+        calls.append("engine")
+        raise _EngineNotBuilt
+
+    monkeypatch.setattr(vllm, "LLM", engine)
+    cfg = RolloutConfig(max_new_tokens=NEW_TOKENS, max_model_len=128, retain_freed_memory=retain)
+    with pytest.raises(_EngineNotBuilt):
+        RolloutWorker(str(peaked[0]), cfg, pool="current", cache_dir=str(cache_dir))
+    assert calls == (["mallopt", "engine"] if retain else ["engine"])

@@ -168,6 +168,9 @@ class RolloutConfig(Strict):
     # OMP_NUM_THREADS = max(1, floor(num_cpus)), so 1 for 0.5). Nash-MP's pools generate one
     # after the other, so on one node an engine may use more threads than its bundle reserves.
     torch_threads: int | None = Field(None, ge=1)
+    # CPU engines: glibc keeps freed memory in the engine's process, as in the learner
+    # (nlhf.hardware.retain_freed_memory): each weight push re-allocates the engine's weights
+    retain_freed_memory: bool = True
     num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
     # --- hub (multi-node placement): custom Ray resources each engine's bundle also reserves,
     # e.g. {"nlhf_rollout": 1} with `ray start --resources='{"nlhf_rollout": 4}'` on rollout nodes.

@@ -94,6 +94,10 @@ class RolloutWorker:
 
                 # the engine runs in this process; vLLM's CPU worker forbids changing it afterwards
                 torch.set_num_threads(cfg.torch_threads)
+            if cfg.retain_freed_memory:
+                from nlhf.hardware import retain_freed_memory
+
+                retain_freed_memory()
         from vllm import LLM
 
         kwargs = dict(
