@@ -40,8 +40,8 @@ def worker(peaked, cache_dir):
     from nlhf.rollout.worker import RolloutWorker
 
     path, _, _ = peaked
-    w = RolloutWorker(str(path), RolloutConfig(max_new_tokens=NEW_TOKENS, max_model_len=128), pool="current",
-                      seed=0, cache_dir=str(cache_dir))
+    w = RolloutWorker(str(path), RolloutConfig(max_new_tokens=NEW_TOKENS, max_model_len=128, cpu_kvcache_gb=0.25),
+                      pool="current", seed=0, cache_dir=str(cache_dir))
     yield w
     w.shutdown()
 
@@ -184,3 +184,30 @@ def test_cpu_engine_process_retains_freed_memory_before_the_engine_is_built(monk
     with pytest.raises(_EngineNotBuilt):
         RolloutWorker(str(peaked[0]), cfg, pool="current", cache_dir=str(cache_dir))
     assert calls == (["mallopt", "engine"] if retain else ["engine"])
+
+
+def test_cpu_kv_cache_is_sized_in_bytes_from_the_config(worker, monkeypatch, peaked, cache_dir):
+    """``rollout.cpu_kvcache_gb`` sizes the engine's KV cache to the byte, fractions included (vLLM's
+    legacy VLLM_CPU_KVCACHE_SPACE reads whole GiB and would override it: it is cleared)."""
+    import os
+
+    import vllm
+
+    from nlhf.config import RolloutConfig
+    from nlhf.rollout.worker import RolloutWorker
+
+    cache = worker.llm.llm_engine.vllm_config.cache_config
+    assert cache.kv_cache_memory_bytes == 2**28  # the module's engine: cpu_kvcache_gb=0.25
+
+    seen = {}
+
+    def engine(**kwargs):
+        seen.update(kwargs, env=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        raise _EngineNotBuilt
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    monkeypatch.setattr(vllm, "LLM", engine)
+    with pytest.raises(_EngineNotBuilt):
+        RolloutWorker(str(peaked[0]), RolloutConfig(max_model_len=128, cpu_kvcache_gb=0.375), pool="current",
+                      cache_dir=str(cache_dir))
+    assert seen["kv_cache_memory_bytes"] == 3 * 2**27 and seen["env"] is None

@@ -32,6 +32,8 @@ def run_train(config: str, overrides: list[str], timeout: int) -> subprocess.Com
 
 
 def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cache_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
     from nlhf.judge.pairwise import make_tiny_pairwise
 
     # The judge folder is missing: the driver trains it first from the config's real training
@@ -74,13 +76,27 @@ def test_language_pipeline_two_iterations(tmp_path: Path, shared_data: Path, cac
     # KL(pi_final || pi_ref) on the first final response of each prompt (data.eval_kl_samples_per_prompt
     # = 1 by default), not on all 4 x 4 of them: two learner forwards per response
     assert wr["kl_samples"] == 4 and wr["kl_final_to_reference"] > 0.0 and wr["kl_final_to_reference_se"] >= 0.0
+    # `nlhf bench train` replays the loop's rollout requests in a standalone engine: the replay
+    # draws the run's prompts (its sampler ends where the run's did) with the run's seeds
+    from nlhf.bench import replay_requests
+    from nlhf.config import load_train_config
+    from nlhf.models import resolve_model
+
+    cfg = load_train_config("configs/smollm2-cpu.yaml", ["policy.source=tiny-random", f"cache_dir={cache_dir}"])
+    state = json.loads((out / "checkpoints" / "final" / "run_state.json").read_text())
+    sampler, calls = replay_requests(cfg, AutoTokenizer.from_pretrained(resolve_model(cfg.policy, cache_dir)), range(2))
+    assert [(k, phase.name) for k, phase, _, _ in calls] == [(0, "TRAIN"), (0, "OPPONENT"), (1, "TRAIN"), (1, "OPPONENT")]
+    for phase in ("TRAIN", "OPPONENT"):
+        assert [x for _, p, _, seeds in calls if p.name == phase for row in seeds for x in row] == state["seeds"][phase]
+    assert sampler.state_dict() == state["sampler"]
+
     # save_every=1: iteration 1 is a checkpoint of its own, the last iteration is `final`
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["final", "iter_00001"]
     for ckpt in ("iter_00001", "final"):
         assert (out / "checkpoints" / ckpt / "config.json").is_file()
 
     # the final checkpoint loads with transformers and generates
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = AutoTokenizer.from_pretrained(out / "checkpoints" / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "final")

@@ -25,7 +25,6 @@ from nlhf.config import TrainConfig
 
 def _env_for_vllm(cfg: TrainConfig) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.rollout.cpu_kvcache_gb)))))
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cfg.cache_dir).resolve() / "vllm"))
 
 
@@ -85,6 +84,72 @@ def bench_rollout(cfg: TrainConfig, num_prompts: int = 32, samples: int = 1, rep
             "max_new_tokens": cfg.rollout.max_new_tokens, "output_tokens": runs[-1][0], "seconds": runs[-1][1],
             "tokens_per_s": rates[len(rates) // 2], "tokens_per_s_all": rates, "engine_start_s": start_s,
             "peak_rss_mb": _peak_rss_mb(), **_machine()}
+
+
+def replay_requests(cfg: TrainConfig, tokenizer: Any, iterations: range) -> tuple[Any, list[tuple[int, Any, list, list[list[int]]]]]:
+    """The rollout requests a run of ``cfg`` makes at ``iterations``, rebuilt from ``cfg.seed``: the
+    prompts its sampler draws (every iteration from 0 draws ``prompts_per_iteration``) and the
+    per-response seeds of each pool's call: pi_k's responses (``Phase.TRAIN``) and, for
+    ``nash-mp``, pi_{k+1/2}'s (``Phase.OPPONENT``), in the driver's order.
+
+    Returns:
+        ``(sampler, [(k, phase, prompts, seeds)])``: the sampler after ``iterations.stop`` draws
+        (its state is the run's ``run_state.json`` ``sampler`` at that iteration) and the calls.
+
+    Raises:
+        ValueError: a config without a ``data`` section (game mode).
+    """
+    from nlhf.data.prompts import PromptSampler, load_training_prompts
+    from nlhf.seeding import Phase, sample_seeds
+
+    if cfg.data is None:
+        raise ValueError("the rollout replay needs a config with a `data` section (language mode)")
+    sampler = PromptSampler(load_training_prompts(cfg.data.train_prompts, tokenizer, cfg.data.max_prompt_tokens,
+                                                  cfg.data.system_prompt), seed=cfg.seed)
+    G, R = cfg.prompts_per_iteration, cfg.responses_per_prompt
+    batches = [sampler.next(G) for _ in range(iterations.stop)]
+    phases = [Phase.TRAIN, Phase.OPPONENT] if cfg.algorithm.name == "nash-mp" else [Phase.TRAIN]
+    return sampler, [(k, ph, batches[k], sample_seeds(cfg.seed, ph, k, G, R)) for k in iterations for ph in phases]
+
+
+def bench_rollout_replay(cfg: TrainConfig, iterations: range) -> dict[str, Any]:
+    """Output tokens/s of one standalone vLLM engine (the same settings, the initial weights) on
+    the very requests a run of ``cfg`` made in its rollout phase at ``iterations``
+    (:func:`replay_requests`), called in the loop's order after one warm-up call. Responses stop
+    at EOS as in the loop, so both rates see the same response lengths (a batch whose responses
+    end early generates fewer tokens per engine step).
+
+    Returns:
+        ``{"tokens_per_s", "output_tokens", "seconds", "calls", ...}`` (total tokens / total
+        ``generate`` wall time).
+    """
+    from transformers import AutoTokenizer
+
+    from nlhf.models import resolve_model
+    from nlhf.rollout.worker import RolloutWorker
+    from nlhf.seeding import Phase, sample_seeds
+
+    _env_for_vllm(cfg)
+    path = resolve_model(cfg.policy, cfg.cache_dir)
+    _, calls = replay_requests(cfg, AutoTokenizer.from_pretrained(path), iterations)
+    worker = RolloutWorker(path, cfg.rollout, pool="bench", seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
+    tokens, seconds = 0, 0.0
+    try:
+        def call(prompts, seeds):
+            t0 = time.perf_counter()
+            out = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], seeds)
+            return sum(len(y.response_token_ids) for g in out for y in g), time.perf_counter() - t0
+
+        first = calls[0][2]
+        call(first, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(first), cfg.responses_per_prompt))  # warm-up
+        for _, _, prompts, seeds in calls:
+            n, dt = call(prompts, seeds)
+            tokens, seconds = tokens + n, seconds + dt
+    finally:
+        worker.shutdown()
+    return {"benchmark": "rollout-replay", "model": path, "dtype": worker.dtype, "iterations": list(iterations),
+            "calls": len(calls), "output_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else float("nan")}
 
 
 def bench_sync(cfg: TrainConfig, repeats: int = 3) -> dict[str, Any]:

@@ -11,7 +11,9 @@ the first ``warmup`` iterations, and reports, in the fields the peer benchmark
 - Ray overhead: iteration wall time minus the actors' own busy time in each phase (vLLM
   ``generate``, the judge replicas' compute, the learner's steps, weight export + engine reload);
 - rollout tokens/s inside the loop (tokens / rollout-phase wall time) against a standalone
-  engine (:func:`nlhf.bench.bench_rollout`) with the same settings and batch shape;
+  engine with the same settings replaying the measured iterations' requests (same prompts and
+  seeds, so the same response lengths; :func:`nlhf.bench.bench_rollout_replay`), and the older
+  standalone figure on the first prompts (:func:`nlhf.bench.bench_rollout`);
 - weight-sync seconds and bytes per iteration;
 - peak RSS of the driver and of every actor, and for the learner ranks and rollout workers its
   private part (the process's own pages) and shared part (pages of Ray's object store holding
@@ -83,7 +85,7 @@ def bench_train(cfg: TrainConfig, iterations: int = 4, warmup: int = 1, standalo
     Raises:
         ValueError: ``iterations <= warmup``.
     """
-    from nlhf.bench import bench_rollout
+    from nlhf.bench import bench_rollout, bench_rollout_replay
     from nlhf.driver import train
     from nlhf.hardware import describe
     from nlhf.telemetry.metrics import read_metrics
@@ -122,9 +124,13 @@ def bench_train(cfg: TrainConfig, iterations: int = 4, warmup: int = 1, standalo
     record["cpu_capability"] = record["machine"]["cpu_capability"]
     record["cpu_model"] = record["machine"].get("cpu_model", "")
     if standalone and cfg.data is not None:
-        alone = bench_rollout(cfg, num_prompts=cfg.prompts_per_iteration, samples=cfg.responses_per_prompt, repeats=3)
+        # the same requests (prompts, seeds, order) as the measured iterations, in an engine alone
+        alone = bench_rollout_replay(cfg, range(warmup, iterations))
         record["rollout_tokens_per_s_standalone"] = alone["tokens_per_s"]
         record["rollout_in_loop_vs_standalone"] = record["rollout_tokens_per_s_in_loop"] / alone["tokens_per_s"]
+        # the earlier standalone figure: the first prompts_per_iteration prompts, 3 repeats
+        fixed = bench_rollout(cfg, num_prompts=cfg.prompts_per_iteration, samples=cfg.responses_per_prompt, repeats=3)
+        record["rollout_tokens_per_s_standalone_fixed_prompts"] = fixed["tokens_per_s"]
     return record
 
 

@@ -162,6 +162,8 @@ class RolloutConfig(Strict):
     max_num_seqs: int = Field(64, ge=1)  # sequences per engine step (also sizes per-request buffers)
     enforce_eager: bool = True
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    # CPU engines: GiB of KV cache, resident in each engine's process (fractions allowed); it must
+    # hold at least one max_model_len sequence, and max_num_seqs of them to run that many at once
     cpu_kvcache_gb: float = Field(1.0, gt=0)
     num_cpus: float = Field(0.5, gt=0)  # per engine
     # CPU engines: torch threads of the engine (None: inherited; in a Ray actor that is Ray's

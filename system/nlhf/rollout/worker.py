@@ -49,7 +49,8 @@ class RolloutWorker:
 
     On CPU (``cfg.num_gpus == 0`` or no CUDA) the engine core runs in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with ``cfg.cpu_kvcache_gb`` GiB of KV cache
-    (rounded to a whole GiB, at least 1: vLLM reads an integer). On GPU the engine uses
+    (``kv_cache_memory_bytes``; fractions allowed; the cache is resident memory of the engine's
+    process, 1 GiB of its RSS at 1.0). On GPU the engine uses
     ``cfg.gpu_memory_utilization`` and vLLM's default executor; tensor parallelism > 1 inside
     a Ray actor needs vLLM's own placement (not exercised here).
     Engine start takes ~2.5 s for a tiny model on CPU.
@@ -88,7 +89,9 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir).resolve() / "vllm"))
         if not gpu:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.cpu_kvcache_gb)))
+            # the KV cache is sized in bytes (kv_cache_memory_bytes below); vLLM's legacy variable,
+            # whole GiB only, would override it
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             if cfg.torch_threads:  # else inherited: Ray's OMP_NUM_THREADS, floor(num_cpus) >= 1, in an actor
                 import torch
 
@@ -114,6 +117,8 @@ class RolloutWorker:
         )
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kvcache_gb * 2**30)
         self.weight_transfer = weight_transfer
         if weight_transfer is not None:
             kwargs["weight_transfer_config"] = {"backend": weight_transfer}
