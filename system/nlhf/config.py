@@ -172,6 +172,7 @@ class RolloutConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)
     # CPU engines: glibc keeps freed memory in the engine's process, as in the learner
     # (nlhf.hardware.retain_freed_memory): each weight push re-allocates the engine's weights
+    # (measured in the bench loop: sync 1.74 -> 0.88-0.97 s per iteration, +0.3 GB RSS per engine)
     retain_freed_memory: bool = True
     num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
     # --- hub (multi-node placement): custom Ray resources each engine's bundle also reserves,
