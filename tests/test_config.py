@@ -101,3 +101,17 @@ def test_evaluation_only_training_prompts_refused(shared_data: Path) -> None:
         load_train_config(REPO / "configs" / "smollm2-cpu.yaml",
                           ["data.train_prompts=[../shared/data/prompts/mt-bench.jsonl]"])
     assert str(err.value).startswith("data.train_prompts[0]: ../shared/data/prompts/mt-bench.jsonl is evaluation-only")
+
+
+def test_shared_engines_count_once_and_refuse_what_cannot_share() -> None:
+    game = REPO / "configs" / "game-cpu.yaml"
+    with pytest.raises(ConfigError, match="resources: actors need 2.75 CPUs"):  # 8 engines x 0.25 + learner + judge
+        load_train_config(game, ["rollout.num_workers=4"])
+    cfg = load_train_config(game, ["rollout.num_workers=4", "rollout.share_engines=true"])  # 4 engines: fits
+    assert cfg.rollout.num_engines == 4
+    for extra, needle in ((["algorithm.name=nash-md-pg"], "rollout.share_engines: nash-md-pg samples"),
+                          (["sync.backend=nccl", "learner.num_gpus=1", "rollout.num_gpus=1"],
+                           "rollout.share_engines: the engines receive weights over one NCCL group per pool")):
+        with pytest.raises(ConfigError) as err:
+            load_train_config(game, ["rollout.share_engines=true", *extra], check=False)
+        assert needle in str(err.value) and "\n" not in str(err.value)

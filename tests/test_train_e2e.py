@@ -159,3 +159,27 @@ def test_game_pipeline_with_lora_converges_to_nash(tmp_path: Path, cache_dir: Pa
 
     names = load_file(str(out / "checkpoints" / "final" / "model.safetensors")).keys()
     assert names and not any("lora" in n for n in names)
+
+
+def test_shared_engines_train_exactly_as_two_pools(tmp_path: Path, cache_dir: Path) -> None:
+    """``rollout.share_engines``: one engine takes turns holding pi_k and pi_{k+1/2}. The weights
+    each pool samples from are the same as with two engines, so with the same seeds the run is
+    the same, iteration by iteration; one engine fewer runs, and no weight push is added."""
+    runs = {}
+    for mode in ("two-pools", "shared"):
+        out = tmp_path / mode
+        extra = ["rollout.share_engines=true"] if mode == "shared" else []
+        proc = run_train("configs/game-cpu.yaml", [f"output_dir={out}", f"cache_dir={cache_dir}", "progress=plain",
+                                                   "iterations=3", "win_rate_every=0", *extra], timeout=900)
+        ms = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = (ms, json.loads((out / "summary.json").read_text()), proc.stdout + proc.stderr)
+    (two, two_summary, _), (shared, summary, log) = runs["two-pools"], runs["shared"]
+    keys = ("charts/kl_ref", "charts/kl_anchor", "losses/half_step", "losses/full_step", "charts/queries",
+            "rollout/tokens", "charts/response_len")
+    assert [[m[k] for k in keys] for m in shared] == [[m[k] for k in keys] for m in two]
+    assert summary["game"]["final_distribution"] == two_summary["game"]["final_distribution"]
+    assert all(m["perf/tokens_per_s_current"] > 0 and m["perf/tokens_per_s_extrapolated"] > 0 for m in shared)
+    assert [m["sync/bytes"] for m in shared] == [m["sync/bytes"] for m in two]  # two pushes per iteration, as before
+    assert "re-pushing" not in log  # the pools' turns follow the pushes: no weights loaded twice
+    assert "rollout_extrapolated_0" in two_summary["peak_rss_gb"]
+    assert "rollout_extrapolated_0" not in summary["peak_rss_gb"] and "rollout_current_0" in summary["peak_rss_gb"]

@@ -226,9 +226,10 @@ def cluster_capacity(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def required_resources(cfg: TrainConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) the actors of ``cfg`` reserve: learners, two rollout pools, judge replicas."""
+    """(CPUs, GPUs) the actors of ``cfg`` reserve: learners, the rollout engines (two pools, or one
+    set with ``rollout.share_engines``), judge replicas."""
     r, lrn, srv = cfg.rollout, cfg.learner, cfg.judge.serve
-    engines = 2 * r.num_workers
+    engines = r.num_engines
     cpus = lrn.num_learners * lrn.num_cpus + engines * r.num_cpus + srv.replicas * srv.num_cpus
     gpus = lrn.num_learners * lrn.num_gpus + engines * r.tensor_parallel_size * r.num_gpus + srv.replicas * srv.num_gpus
     return cpus, gpus
@@ -249,7 +250,8 @@ def check_resources(cfg: TrainConfig) -> None:
     if need_cpu > have_cpu + 1e-9:
         raise ConfigError(
             f"resources: actors need {need_cpu:g} CPUs (learner.num_learners*learner.num_cpus + "
-            f"2*rollout.num_workers*rollout.num_cpus + judge.serve.replicas*judge.serve.num_cpus) "
+            f"engines*rollout.num_cpus + judge.serve.replicas*judge.serve.num_cpus; engines: "
+            f"2*rollout.num_workers, or 1* with rollout.share_engines) "
             f"but cluster.num_cpus is {have_cpu:g}"
         )
     if need_gpu > have_gpu + 1e-9:

@@ -151,7 +151,13 @@ class AlgorithmConfig(Strict):
 
 # ----------------------------------------------------------------------------- actors
 class RolloutConfig(Strict):
-    """Each of the two pools (current pi_k, extrapolated pi_{k+1/2}) has ``num_workers`` vLLM engines."""
+    """Each of the two pools (current pi_k, extrapolated pi_{k+1/2}) has ``num_workers`` vLLM engines
+    (``share_engines``: the two pools take turns on the same ``num_workers`` engines)."""
+
+    @property
+    def num_engines(self) -> int:
+        """vLLM engines the run starts: ``num_workers`` per pool, once if the pools share them."""
+        return self.num_workers * (1 if self.share_engines else 2)
 
     num_workers: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -175,6 +181,11 @@ class RolloutConfig(Strict):
     # (measured in the bench loop: sync 1.74 -> 0.88-0.97 s per iteration, +0.3 GB RSS per engine)
     retain_freed_memory: bool = True
     num_gpus: float = Field(0.0, ge=0)  # per tensor-parallel rank
+    # one set of engines serves both pools: the extrapolated pool's push loads pi_{k+1/2} into the
+    # engines that hold pi_k, the next push to the current pool loads pi_{k+1} (Nash-MP and EGPO
+    # use the pools one after the other, so no extra weight loads; a pool used while the engines
+    # hold the other pool's weights gets its own re-pushed first). Saves a whole engine per worker.
+    share_engines: bool = False
     # --- hub (multi-node placement): custom Ray resources each engine's bundle also reserves,
     # e.g. {"nlhf_rollout": 1} with `ray start --resources='{"nlhf_rollout": 4}'` on rollout nodes.
     resources: dict[str, PositiveFloat] = Field(default_factory=dict)
@@ -428,6 +439,12 @@ class TrainConfig(Strict):
         if self.learner.lora is not None and self.algorithm.anchor == "ema":
             raise ValueError("learner.lora: algorithm.anchor 'ema' is not supported with LoRA (it keeps a full "
                              "copy of the weights); use anchor 'snapshot'")
+        if self.rollout.share_engines and self.algorithm.name == "nash-md-pg":
+            raise ValueError("rollout.share_engines: nash-md-pg samples its opponents from a mixture sampler of "
+                             "its own (a second model), so its pools cannot share engines; set it to false")
+        if self.rollout.share_engines and self.sync.backend == "nccl":
+            raise ValueError("rollout.share_engines: the engines receive weights over one NCCL group per pool; "
+                             "use sync.backend object_store or file with shared engines")
         from nlhf.algorithms.pairing import check_responses_per_prompt
 
         a = self.algorithm

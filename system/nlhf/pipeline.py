@@ -49,16 +49,21 @@ class RolloutPool:
     worker's rollouts are used its version is checked, and a restarted worker (which comes back
     with the initial weights, version 0) is re-pushed the pool's weights and its interrupted
     generate retried. Sampling is seeded per response, so a retry draws the same responses.
+
+    With ``shares=`` (``rollout.share_engines``) this pool takes turns on another pool's engines:
+    each pool tags its weights with an engine version of its own (:meth:`engine_version`), so a
+    pool whose engines hold the other pool's weights re-pushes its own before it generates (the
+    same check that restores a restarted worker), and tokens are counted per pool.
     """
 
     def __init__(self, name: str, cfg: TrainConfig, model_path: str, *, placement_group: PlacementGroup | None,
                  first_bundle: int, action_token_ids: list[int] | None, env: dict[str, str], counters: Counters,
                  note: Note = print, reference_path: str | None = None, actor_prefix: str | None = None,
-                 wait: bool = True) -> None:
+                 wait: bool = True, shares: "RolloutPool | None" = None) -> None:
         """``actor_prefix``: workers are named ``<actor_prefix>-rollout-<name>-<i>`` (as the Ray
         dashboard and state API show them); None leaves them unnamed. ``wait=False`` returns once
         the actors are created, so other actors can start meanwhile; call :meth:`wait_ready`
-        before using the pool."""
+        before using the pool. ``shares``: use that pool's engines instead of starting any."""
         r = cfg.rollout
         self.name = name
         self.counters = counters
@@ -67,6 +72,15 @@ class RolloutPool:
         self.timeout = cfg.fault_tolerance.actor_timeout_s
         self.expected_version = 0
         self._payload: Any = None  # ObjectRef or file path of the weights of expected_version (None: initial weights)
+        # shared engines: 0 for the pool that owns them, 1 for the one that shares them; None: own engines
+        self.slot: int | None = None
+        self._tokens, self._seconds = 0, 0.0  # per-pool counts on shared engines (stats())
+        if shares is not None:
+            shares.slot, self.slot = 0, 1
+            self.workers, self.weight_transfer, self.dtype = shares.workers, shares.weight_transfer, shares.dtype
+            self._owner = shares
+            return
+        self._owner = None
         mixture = name == "extrapolated" and cfg.algorithm.name == "nash-md-pg"
         # vLLM engines take sync.backend nccl; the mixture sampler (transformers) takes bytes
         self.weight_transfer = "nccl" if cfg.sync.backend == "nccl" and not mixture else None
@@ -108,6 +122,17 @@ class RolloutPool:
         infos = interrupts.get([w.info.remote() for w in self.workers], timeout=self.timeout)
         self.dtype = infos[0]["dtype"]
 
+    @property
+    def shared(self) -> bool:
+        """True when this pool takes turns with the other pool on the same engines."""
+        return self.slot is not None
+
+    def engine_version(self, version: int) -> int:
+        """The version an engine records for this pool's weight ``version``: ``version`` itself on
+        the pool's own engines; on shared engines ``2 * version + slot`` (0 for both pools'
+        initial weights, which are the same theta_0), so the two pools' weights never share a tag."""
+        return version if self.slot is None or version == 0 else 2 * version + self.slot
+
     # ------------------------------------------------------------------ sampling
     def generate(self, prompts: list[Prompt], seeds: list[list[int]], *, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[Rollout]]:
@@ -133,6 +158,9 @@ class RolloutPool:
         out: list[list[Rollout]] = []
         for i in busy:
             out.extend(self._get_with_recovery(i, refs[i], call))
+        if self.shared:  # the engines' counters hold this call alone: book it to this pool
+            part = self._engine_stats()
+            self._tokens, self._seconds = self._tokens + part["tokens"], self._seconds + part["seconds"]
         return out
 
     def _get_with_recovery(self, i: int, ref: Any, call: Callable[[int], Any]) -> Any:
@@ -161,15 +189,19 @@ class RolloutPool:
                 if not (_actor_died(e) and wait_for_restart) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)  # the actor is restarting
-        if version == self.expected_version:
+        expected = self.engine_version(self.expected_version)
+        if version == expected:
             return
+        # on shared engines an odd/even tag of the other slot is the other pool's turn, not a fault
+        turn = self.shared and version != 0 and version % 2 != self.slot
         if self._payload is None:
             why = (" (they came over NCCL, sync.backend: nccl, which keeps no copy; resume from the last checkpoint)"
                    if self.weight_transfer else "")
             raise RuntimeError(f"rollout worker {self.name}-{i} holds weight version {version}, the pool expects "
-                               f"{self.expected_version}, and no weights are kept to restore it{why}")
-        self.note(f"rollout worker {self.name}-{i} holds weight version {version}, expected {self.expected_version}: re-pushing")
-        interrupts.get(self.workers[i].update_weights.remote(self._payload, self.expected_version), timeout=self.timeout)
+                               f"{expected}, and no weights are kept to restore it{why}")
+        if not turn:
+            self.note(f"rollout worker {self.name}-{i} holds weight version {version}, expected {expected}: re-pushing")
+        interrupts.get(self.workers[i].update_weights.remote(self._payload, expected), timeout=self.timeout)
 
     # ------------------------------------------------------------------ weights
     @property
@@ -183,9 +215,10 @@ class RolloutPool:
         ``sync.backend: file``) to every worker as ``version``; a worker that dies on the way is
         restarted and pushed again (and so is one found holding another version later)."""
         self._payload, self.expected_version = payload_ref, version
+        tag = self.engine_version(version)
 
         def call(i: int) -> Any:
-            return self.workers[i].update_weights.remote(payload_ref, version)
+            return self.workers[i].update_weights.remote(payload_ref, tag)
 
         refs = {i: call(i) for i in range(len(self.workers))}
         return [self._get_with_recovery(i, refs[i], call) for i in refs]
@@ -204,14 +237,25 @@ class RolloutPool:
         return interrupts.get([w.weight_version.remote() for w in self.workers], timeout=self.timeout)
 
     def stats(self) -> dict[str, float]:
-        """Generated tokens and tokens/s since the last call, summed over the pool's workers."""
+        """Generated tokens and tokens/s since the last call, summed over the pool's workers (on
+        shared engines: this pool's own calls)."""
+        if self.shared:
+            self._engine_stats()  # anything the engines did outside this pool's calls is nobody's
+            tokens, seconds, self._tokens, self._seconds = self._tokens, self._seconds, 0, 0.0
+            return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+        return self._engine_stats()
+
+    def _engine_stats(self) -> dict[str, float]:
         parts = interrupts.get([w.stats.remote() for w in self.workers], timeout=self.timeout)
         tokens = sum(p.get("tokens", 0) for p in parts)
         seconds = max((p.get("seconds", 0.0) for p in parts), default=0.0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Shut each engine down (frees /dev/shm), then kill the actors (no restart)."""
+        """Shut each engine down (frees /dev/shm), then kill the actors (no restart); a pool that
+        shares another pool's engines leaves them to their owner."""
+        if self._owner is not None:
+            return
         if graceful:
             try:
                 ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
@@ -422,7 +466,7 @@ def make_placement_group(cfg: TrainConfig, name: str) -> PlacementGroup:
     bundles = [{"CPU": lrn.num_cpus, **({"GPU": lrn.num_gpus} if lrn.num_gpus else {}), **lrn.rank_resources(i)}
                for i in range(lrn.num_learners)]
     gpu = r.num_gpus * r.tensor_parallel_size
-    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {}), **r.resources} for _ in range(2 * r.num_workers)]
+    bundles += [{"CPU": r.num_cpus, **({"GPU": gpu} if gpu else {}), **r.resources} for _ in range(r.num_engines)]
     _check_custom_resources(cfg, ray.cluster_resources())
     pg = placement_group(bundles, strategy="PACK", name=name)
     ray.get(pg.ready(), timeout=600)
@@ -437,7 +481,7 @@ def _check_custom_resources(cfg: TrainConfig, have: dict[str, float]) -> None:
     r, lrn = cfg.rollout, cfg.learner
     asks: dict[str, tuple[str, float]] = {}
     for where, demand in [("learner.resources", lrn.rank_resources(i)) for i in range(lrn.num_learners)] + \
-            [("rollout.resources", r.resources)] * (2 * r.num_workers):
+            [("rollout.resources", r.resources)] * r.num_engines:
         for name, amount in demand.items():
             prev = asks.get(name, (where, 0.0))[1]
             asks[name] = (where, prev + amount)

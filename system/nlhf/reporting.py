@@ -248,7 +248,8 @@ def peak_memory(s: "Session") -> dict[str, dict[str, float]]:
     shared: dict[str, float] = {}
     parts = [(f"learner_rank{st['rank']}", st) for st in s.learners.stats()]
     for name, pool in (("current", s.current), ("extrapolated", s.extrapolated)):
-        parts += [(f"rollout_{name}_{i}", info) for i, info in enumerate(pool.infos())]
+        if pool.slot != 1:  # shared engines are listed once, under the pool that owns them
+            parts += [(f"rollout_{name}_{i}", info) for i, info in enumerate(pool.infos())]
     for key, st in parts:
         rss[key] = max(rss.get(key, 0.0), st["peak_rss_gb"])
         if "peak_private_gb" in st:

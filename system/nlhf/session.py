@@ -223,12 +223,14 @@ class Session:
         self.pg = make_placement_group(cfg, f"{prefix}-pg")
         self._create_learners(wait=not together)
         first = cfg.learner.num_learners
-        pools = {}
+        pools: dict[str, RolloutPool] = {}
         for i, name in enumerate(("current", "extrapolated")):
+            shares = pools["current"] if name == "extrapolated" and cfg.rollout.share_engines else None
             pools[name] = RolloutPool(name, cfg, self.policy_path, placement_group=self.pg,
                                       first_bundle=first + i * cfg.rollout.num_workers, action_token_ids=action_ids,
                                       env=self.env, counters=self.state.counters, note=self.note,
-                                      reference_path=self.reference_path, actor_prefix=prefix, wait=not together)
+                                      reference_path=self.reference_path, actor_prefix=prefix, wait=not together,
+                                      shares=shares)
         self.current, self.extrapolated = pools["current"], pools["extrapolated"]
         if together:
             self._start_judge(judge_cfg)  # Serve deploys it while the learner and engine actors build
