@@ -250,3 +250,26 @@ def test_interrupt_stops_quickly_with_resume_hint(tmp_path, cache_dir):
     assert code == 130, text[-3000:]
     assert stopped_in < 30, stopped_in
     assert "interrupted (SIGTERM)" in text and "last complete checkpoint" in text and "--resume" in text, text[-3000:]
+
+
+def test_shared_engine_death_is_survived(reference, tmp_path, cache_dir):
+    # rollout.share_engines: the one engine serves both pools in turn; killed, it comes back with
+    # the initial weights and whichever pool samples next re-pushes its own: same learning as the
+    # two-engine reference, bit for bit
+    out = tmp_path / "run"
+    proc = start(out, cache_dir, ["rollout.share_engines=true", "sync.backend=file"])
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 1, proc, 600, "iteration 1")
+        engines = session_pids(proc, "ray::RolloutWorker")
+        assert len(engines) == 1, engines
+        os.kill(engines[0], signal.SIGKILL)
+        code = finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    assert code == 0, log_of(out)[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["faults"]["rollout_restarts"] >= 1, summary["faults"]
+    ms = metrics(out)
+    assert [m["iteration"] for m in ms] == [1, 2, 3, 4, 5, 6]
+    assert_same_iterations(ms, metrics(reference), [1, 2, 3, 4, 5, 6], tol=1e-5)
