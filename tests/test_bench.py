@@ -61,3 +61,22 @@ def test_bench_train_reports_steady_state_figures(tmp_path: Path, cache_dir: Pat
     assert set(private) == set(shared) == {"learner_rank0", "rollout_current_0", "rollout_extrapolated_0"}, r
     for k in private:  # parts of the process's RSS (sampled, so at most its exact peak)
         assert 0.05 < private[k] <= rss[k] + 1e-3 and 0 <= shared[k] <= rss[k] + 1e-3, (k, r)
+
+
+@pytest.mark.parametrize(("algorithm", "phases"), [("nash-mp", ["TRAIN", "OPPONENT"]), ("egpo", ["TRAIN", "OPPONENT"]),
+                                                   ("online-ipo", ["TRAIN"])])
+def test_replay_requests_follow_each_algorithms_rollout_calls(algorithm, phases, shared_data: Path, cache_dir: Path) -> None:
+    """The replay makes each rollout call the driver makes per iteration: pi_k's responses, then
+    (but for online IPO) the opponents' from the other pool (EGPO's pi_{k+1/2} included)."""
+    from transformers import AutoTokenizer
+
+    from nlhf.bench import replay_requests
+    from nlhf.config import load_train_config
+    from nlhf.models import resolve_model
+
+    cfg = load_train_config(REPO / "configs" / "smollm2-cpu.yaml", ["policy.source=tiny-random", f"algorithm.name={algorithm}",
+                                                                   "algorithm.opponents_per_response=2", f"cache_dir={cache_dir}"],
+                            check=False)
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.policy, cfg.cache_dir))
+    _, calls = replay_requests(cfg, tok, range(1, 3))
+    assert [(k, phase.name) for k, phase, _, _ in calls] == [(k, p) for k in (1, 2) for p in phases]

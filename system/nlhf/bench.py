@@ -51,6 +51,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _timed_generate(worker: Any, prompts: list, seeds: list[list[int]]) -> tuple[int, float]:
+    """One ``generate`` call of a :class:`~nlhf.rollout.worker.RolloutWorker`: (output tokens, wall seconds)."""
+    t0 = time.perf_counter()
+    out = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], seeds)
+    return sum(len(y.response_token_ids) for g in out for y in g), time.perf_counter() - t0
+
+
 def bench_rollout(cfg: TrainConfig, num_prompts: int = 32, samples: int = 1, repeats: int = 1) -> dict[str, Any]:
     """Output tokens/s of one vLLM engine on ``num_prompts`` training prompts x ``samples`` responses
     (``max_new_tokens`` from config), each response seeded on its own as in training; the median
@@ -70,13 +77,9 @@ def bench_rollout(cfg: TrainConfig, num_prompts: int = 32, samples: int = 1, rep
     start_s = time.perf_counter() - t0
     runs = []
     try:
-        texts, ids = [p.text for p in prompts], [p.token_ids for p in prompts]
-        worker.generate(texts, ids, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(prompts), samples))  # warm-up
+        _timed_generate(worker, prompts, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(prompts), samples))  # warm-up
         for r in range(repeats):
-            t0 = time.perf_counter()
-            out = worker.generate(texts, ids, sample_seeds(cfg.seed, Phase.EVAL_OTHER, r, len(prompts), samples))
-            dt = time.perf_counter() - t0
-            runs.append((sum(len(y.response_token_ids) for g in out for y in g), dt))
+            runs.append(_timed_generate(worker, prompts, sample_seeds(cfg.seed, Phase.EVAL_OTHER, r, len(prompts), samples)))
     finally:
         worker.shutdown()
     rates = sorted(t / d for t, d in runs)
@@ -89,8 +92,8 @@ def bench_rollout(cfg: TrainConfig, num_prompts: int = 32, samples: int = 1, rep
 def replay_requests(cfg: TrainConfig, tokenizer: Any, iterations: range) -> tuple[Any, list[tuple[int, Any, list, list[list[int]]]]]:
     """The rollout requests a run of ``cfg`` makes at ``iterations``, rebuilt from ``cfg.seed``: the
     prompts its sampler draws (every iteration from 0 draws ``prompts_per_iteration``) and the
-    per-response seeds of each pool's call: pi_k's responses (``Phase.TRAIN``) and, for
-    ``nash-mp``, pi_{k+1/2}'s (``Phase.OPPONENT``), in the driver's order.
+    per-response seeds of each pool's call: pi_k's responses (``Phase.TRAIN``) and, but for
+    online IPO, the opponents' (``Phase.OPPONENT``), in the driver's order.
 
     Returns:
         ``(sampler, [(k, phase, prompts, seeds)])``: the sampler after ``iterations.stop`` draws
@@ -99,16 +102,17 @@ def replay_requests(cfg: TrainConfig, tokenizer: Any, iterations: range) -> tupl
     Raises:
         ValueError: a config without a ``data`` section (game mode).
     """
-    from nlhf.data.prompts import PromptSampler, load_training_prompts
+    from nlhf.data.prompts import training_prompt_sampler
     from nlhf.seeding import Phase, sample_seeds
 
     if cfg.data is None:
         raise ValueError("the rollout replay needs a config with a `data` section (language mode)")
-    sampler = PromptSampler(load_training_prompts(cfg.data.train_prompts, tokenizer, cfg.data.max_prompt_tokens,
-                                                  cfg.data.system_prompt), seed=cfg.seed)
+    sampler = training_prompt_sampler(cfg.data, tokenizer, cfg.seed)
     G, R = cfg.prompts_per_iteration, cfg.responses_per_prompt
     batches = [sampler.next(G) for _ in range(iterations.stop)]
-    phases = [Phase.TRAIN, Phase.OPPONENT] if cfg.algorithm.name == "nash-mp" else [Phase.TRAIN]
+    # online IPO samples pi_k alone; Nash-MP, EGPO and Nash-MD-PG then sample their opponents
+    # (pi_{k+1/2}, or Nash-MD-PG's mixture, which the replay samples from the engine's policy)
+    phases = [Phase.TRAIN] if cfg.algorithm.name in ("online-ipo", "omd") else [Phase.TRAIN, Phase.OPPONENT]
     return sampler, [(k, ph, batches[k], sample_seeds(cfg.seed, ph, k, G, R)) for k in iterations for ph in phases]
 
 
@@ -135,15 +139,10 @@ def bench_rollout_replay(cfg: TrainConfig, iterations: range) -> dict[str, Any]:
     worker = RolloutWorker(path, cfg.rollout, pool="bench", seed=cfg.seed, dtype=cfg.policy.dtype, cache_dir=cfg.cache_dir)
     tokens, seconds = 0, 0.0
     try:
-        def call(prompts, seeds):
-            t0 = time.perf_counter()
-            out = worker.generate([p.text for p in prompts], [p.token_ids for p in prompts], seeds)
-            return sum(len(y.response_token_ids) for g in out for y in g), time.perf_counter() - t0
-
         first = calls[0][2]
-        call(first, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(first), cfg.responses_per_prompt))  # warm-up
+        _timed_generate(worker, first, sample_seeds(cfg.seed, Phase.EVAL_OTHER, 99, len(first), cfg.responses_per_prompt))
         for _, _, prompts, seeds in calls:
-            n, dt = call(prompts, seeds)
+            n, dt = _timed_generate(worker, prompts, seeds)
             tokens, seconds = tokens + n, seconds + dt
     finally:
         worker.shutdown()

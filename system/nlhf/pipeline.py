@@ -78,9 +78,7 @@ class RolloutPool:
         if shares is not None:
             shares.slot, self.slot = 0, 1
             self.workers, self.weight_transfer, self.dtype = shares.workers, shares.weight_transfer, shares.dtype
-            self._owner = shares
             return
-        self._owner = None
         mixture = name == "extrapolated" and cfg.algorithm.name == "nash-md-pg"
         # vLLM engines take sync.backend nccl; the mixture sampler (transformers) takes bytes
         self.weight_transfer = "nccl" if cfg.sync.backend == "nccl" and not mixture else None
@@ -254,7 +252,7 @@ class RolloutPool:
     def shutdown(self, graceful: bool = True) -> None:
         """Shut each engine down (frees /dev/shm), then kill the actors (no restart); a pool that
         shares another pool's engines leaves them to their owner."""
-        if self._owner is not None:
+        if self.slot == 1:
             return
         if graceful:
             try:

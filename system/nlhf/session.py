@@ -303,13 +303,11 @@ class Session:
 
     def _setup_prompts(self) -> list[int] | None:
         """Training prompts (language mode) or the single game prompt and action tokens (game mode)."""
-        from nlhf.data.prompts import load_prompt_texts, load_training_prompts, render_prompts
+        from nlhf.data.prompts import load_prompt_texts, render_prompts, training_prompt_sampler
 
         cfg = self.cfg
         if cfg.data is not None:
-            prompts = load_training_prompts(cfg.data.train_prompts, self.tokenizer, cfg.data.max_prompt_tokens,
-                                            cfg.data.system_prompt)
-            self.prompts = PromptSampler(prompts, seed=cfg.seed)
+            self.prompts = training_prompt_sampler(cfg.data, self.tokenizer, cfg.seed)
             if cfg.data.eval_prompts:
                 texts = load_prompt_texts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts]
                 self.eval_prompts = render_prompts(texts, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)

@@ -139,3 +139,12 @@ def load_training_prompts(files: list[str], tokenizer: Any, max_prompt_tokens: i
         texts.extend(load_prompt_texts(f))
     unique = list(dict.fromkeys(texts))
     return render_prompts(unique, tokenizer, max_prompt_tokens, system_prompt)
+
+
+def training_prompt_sampler(data: Any, tokenizer: Any, seed: int) -> PromptSampler:
+    """The run's sampler over its training prompts: :func:`load_training_prompts` of
+    ``data.train_prompts`` (``data``: the config's ``data`` section) drawn by a
+    :class:`PromptSampler` seeded with the run seed. The driver and ``nlhf bench train``'s replay
+    of a run's requests both build it here, so they draw the same prompts in the same order."""
+    prompts = load_training_prompts(data.train_prompts, tokenizer, data.max_prompt_tokens, data.system_prompt)
+    return PromptSampler(prompts, seed=seed)
