@@ -311,7 +311,7 @@ class Session:
             if cfg.data.eval_prompts:
                 texts = load_prompt_texts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts]
                 self.eval_prompts = render_prompts(texts, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
-            self.note(f"{len(prompts)} training prompts, {len(self.eval_prompts)} held-out prompts")
+            self.note(f"{len(self.prompts.prompts)} training prompts, {len(self.eval_prompts)} held-out prompts")
             ids = None
         else:
             g = cfg.game
